@@ -1,0 +1,171 @@
+"""Candidate policies: the order in which SipIt tries tokens at a position.
+
+A policy yields batches of not-yet-tried token ids; the search verifies each batch and stops
+at the first batch holding an accepted candidate. Whatever a policy leaves untried is covered
+by the exhaustive fallback, so every policy is exact when the acceptance rule is.
+
+    random      a random permutation of the vocabulary (the paper's brute-force ablation)
+    gradient    the paper's policy: gradient steps on a continuous proxy embedding, each
+                proposing the nearest untried token embedding (published hyperparameters)
+    exhaustive  the whole vocabulary, nearest state wins (the guaranteed fallback)
+    probe       default: a closed-form linear probe ranks the vocabulary from the observed
+                states, then batches of growing size (4, 32, 256, ...) are verified
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from sipit.errors import SipitError
+from sipit.invert.verify import Verifier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Step:
+    """What a policy may look at for one position."""
+
+    position: int
+    observed: torch.Tensor  # all observed states (T, d), fp32
+    verifier: Verifier
+
+    @property
+    def target(self) -> torch.Tensor:
+        return self.observed[self.position]
+
+
+class Policy:
+    """Base class: `candidates(step)` yields LongTensor batches of token ids."""
+
+    name = "base"
+
+    def __init__(self, lm, layer, seed: int = 0):
+        self.lm, self.layer, self.seed = lm, layer, seed
+
+    def prepare(self, observed: torch.Tensor) -> None:
+        """Called once before the search with all observed states (T, d)."""
+
+    def candidates(self, step: Step) -> Iterator[torch.Tensor]:
+        raise NotImplementedError
+
+
+class RandomPolicy(Policy):
+    """A fresh random permutation of the vocabulary at every position, in batches."""
+
+    name = "random"
+
+    def __init__(self, lm, layer, seed: int = 0, batch: int = 256):
+        super().__init__(lm, layer, seed)
+        self.batch = batch
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def candidates(self, step: Step) -> Iterator[torch.Tensor]:
+        yield from torch.randperm(self.lm.vocab_size, generator=self.generator).split(self.batch)
+
+
+class ExhaustivePolicy(Policy):
+    """The whole vocabulary in one pass; the search then takes the nearest state."""
+
+    name = "exhaustive"
+    exhaustive = True
+
+    def candidates(self, step: Step) -> Iterator[torch.Tensor]:
+        yield torch.arange(self.lm.vocab_size)
+
+
+class ProbePolicy(Policy):
+    """Rank by the linear probe (sipit.invert.probe), verify batches of growing size."""
+
+    name = "probe"
+    schedule = (4, 32, 256, 1024)
+
+    def prepare(self, observed: torch.Tensor) -> None:
+        from sipit.invert import probe
+
+        self.ranking = probe.load_or_fit(self.lm, self.layer).scores(observed.cpu())  # (T, V)
+
+    def candidates(self, step: Step) -> Iterator[torch.Tensor]:
+        order = self.ranking[step.position].argsort(descending=True)
+        start = 0
+        for size in self.schedule:
+            yield order[start:size]
+            start = size
+        yield from order[start:].split(1024)
+
+
+class GradientPolicy(Policy):
+    """The paper's gradient-guided policy with its published hyperparameters.
+
+    A proxy embedding starts at a random token's embedding. Each proposal takes one SGD step on
+    the mean squared error between the proxy's state and the observed state (fp32, gradient norm
+    clipped to 1, step size 1.0 decayed linearly to 0.01 over the first window) and proposes the
+    untried token whose embedding is nearest (L2) to the proxy. Every `window` proposals the
+    proxy snaps to that nearest untried embedding; the window is 50, at the first position
+    50 * (1 + |V| // 25000). At most |V| proposals; a NaN ends the policy (the fallback follows).
+    """
+
+    name = "gradient"
+
+    def __init__(self, lm, layer, seed: int = 8, lr: float = 1.0, final_lr_ratio: float = 0.01):
+        super().__init__(lm, layer, seed)
+        self.lr, self.final_lr_ratio = lr, final_lr_ratio
+        self.generator = torch.Generator().manual_seed(seed)
+        self.table = lm.model.get_input_embeddings().weight.detach().float()  # (V, d)
+
+    def window(self, position: int) -> int:
+        return 50 * (1 + self.lm.vocab_size // 25000) if position == 0 else 50
+
+    def step_size(self, k: int, window: int) -> float:
+        decay = min(k, window) / window
+        return self.lr * (1 - (1 - self.final_lr_ratio) * decay)
+
+    def nearest_untried(self, proxy: torch.Tensor, untried: torch.Tensor) -> int:
+        distances = (self.table - proxy).norm(dim=-1)
+        distances[~untried] = float("inf")
+        return int(distances.argmin())
+
+    def candidates(self, step: Step) -> Iterator[torch.Tensor]:
+        vocab = self.lm.vocab_size
+        window = self.window(step.position)
+        untried = torch.ones(vocab, dtype=torch.bool, device=self.table.device)
+        start = int(torch.randint(0, vocab, (1,), generator=self.generator))
+        proxy = self.table[start].clone()
+
+        for k in range(vocab):
+            proxy = self.sgd_step(step, proxy, self.step_size(k, window))
+            if not torch.isfinite(proxy).all():
+                log.warning("gradient policy hit NaN at position %d; falling back", step.position)
+                return
+            token = self.nearest_untried(proxy, untried)
+            untried[token] = False
+            yield torch.tensor([token])
+            if (k + 1) % window == 0 and untried.any():
+                proxy = self.table[self.nearest_untried(proxy, untried)].clone()
+
+    def sgd_step(self, step: Step, proxy: torch.Tensor, lr: float) -> torch.Tensor:
+        proxy = proxy.detach().requires_grad_(True)
+        with torch.enable_grad():
+            state = step.verifier.state_of_embedding(proxy)
+            loss = torch.nn.functional.mse_loss(state, step.target.to(state.device))
+            (grad,) = torch.autograd.grad(loss, proxy)
+        norm = grad.norm()
+        if norm > 1.0:
+            grad = grad / norm
+        return (proxy - lr * grad).detach()
+
+
+POLICIES = {p.name: p for p in (ProbePolicy, GradientPolicy, RandomPolicy, ExhaustivePolicy)}
+DEFAULT = "probe"
+
+
+def make(name: str, lm, layer, seed: int | None = None) -> Policy:
+    """A policy by name, for one model and layer."""
+    if name not in POLICIES:
+        raise SipitError(f"unknown policy {name!r}: choose one of {', '.join(POLICIES)}")
+    cls = POLICIES[name]
+    return cls(lm, layer) if seed is None else cls(lm, layer, seed=seed)

@@ -1,0 +1,1 @@
+"""Models sipit ships or builds: the built-in zoo, our Ouro looped model, Kimi Linear configs."""
