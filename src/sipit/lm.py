@@ -8,6 +8,12 @@ Layer names are the same everywhere in sipit (capture, invert, audit):
     "-1"       counts from the end: the last block, still before the final norm;
     "final"    the output of the final norm (Hugging Face's hidden_states[-1]).
 
+Looped models (Ouro: the block stack runs n_loops times) also take "u.i", loop step u (1-based)
+and block i of that step: "u.0" is the input of the step (the embeddings for u = 1, else the
+final-norm output of step u - 1), "u.i" the output of block i before any norm, "u.-1" the last
+block and "u.final" the final-norm output of step u. Plain "i", "-1" and "final" mean the LAST
+loop step; "0" is the embedding output.
+
 Forward passes stop at the layer asked for: blocks above it never run.
 """
 
@@ -48,6 +54,11 @@ class LM:
     @property
     def n_layers(self) -> int:
         return len(self.blocks)
+
+    @property
+    def n_loops(self) -> int:
+        """How many times the block stack runs (looped models such as Ouro; else 1)."""
+        return int(getattr(self.model.config, "total_ut_steps", 1) or 1)
 
     @property
     def hidden_size(self) -> int:
@@ -128,6 +139,7 @@ def load(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import sipit.models.ouro  # noqa: F401  (registers the "ouro" model type with the Auto classes)
     from sipit.models import builtin
 
     torch_dtype = resolve_dtype(dtype)
@@ -175,11 +187,13 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
     raise SipitError(f"cannot find the transformer blocks of {type(model).__name__}")
 
 
-def parse_layer(spec: str | int, n_layers: int) -> int | str:
-    """Turn a layer name into 0..n_layers or FINAL; see the module docstring."""
+def parse_layer(spec: str | int, n_layers: int, n_loops: int | None = None) -> int | str:
+    """Turn a layer name into 0..n_layers, FINAL or "u.i" (looped models); see the docstring."""
     text = str(spec).strip().lower()
     if text in (FINAL, "post-norm", "postnorm"):
         return FINAL
+    if "." in text:
+        return _parse_loop_layer(spec, text, n_layers, n_loops)
     try:
         index = int(text)
     except ValueError:
@@ -189,6 +203,36 @@ def parse_layer(spec: str | int, n_layers: int) -> int | str:
     if not 0 <= index <= n_layers:
         raise SipitError(f"layer {spec} out of range: this model has layers 0..{n_layers} and 'final'")
     return index
+
+
+def _parse_loop_layer(spec, text: str, n_layers: int, n_loops: int | None) -> str:
+    """"u.i" -> the normalised name "u.i" or "u.final" (u checked when n_loops is known)."""
+    step, _, block = text.partition(".")
+    try:
+        loop = int(step)
+        if "." in block:
+            raise ValueError
+    except ValueError:
+        raise SipitError(f"bad layer {spec!r}: use loop.block, e.g. '2.3'") from None
+    if loop < 1 or (n_loops is not None and loop > n_loops):
+        raise SipitError(f"loop step {loop} out of range: this model has steps 1..{n_loops}")
+    inner = parse_layer(block, n_layers)
+    return f"{loop}.{inner}"
+
+
+def _loop_target(layer: int | str, n_loops: int) -> tuple[int, int | str]:
+    """(loop step, block) of a parsed layer: plain block names mean the last loop step."""
+    if isinstance(layer, str) and "." in layer:
+        step, _, block = layer.partition(".")
+        loop = int(step)
+        if loop > n_loops:
+            raise SipitError(f"loop step {loop} out of range: this model has steps 1..{n_loops}")
+        if block == FINAL:
+            return (n_loops, FINAL) if loop == n_loops else (loop + 1, 0)
+        return loop, int(block)
+    if layer == FINAL:
+        return n_loops, FINAL
+    return (1, 0) if int(layer) == 0 else (n_loops, int(layer))
 
 
 def layer_name(layer: int | str) -> str:
@@ -207,16 +251,23 @@ def _hidden_of(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
-def _stop_hook(layer: int, blocks: nn.ModuleList):
-    """A hook that raises _Stop with the state of `layer` (0 = input of block 1)."""
+def _stop_hook(layer: int, blocks: nn.ModuleList, loop: int = 1):
+    """A hook that raises _Stop with the state of `layer` (0 = input of block 1) on the
+    `loop`-th call of that block (loop steps of a looped model reuse the same blocks)."""
+    calls = [0]
+
     if layer == 0:
         def pre_hook(module, args, kwargs):
-            raise _Stop(args[0] if args else kwargs["hidden_states"])
+            calls[0] += 1
+            if calls[0] == loop:
+                raise _Stop(args[0] if args else kwargs["hidden_states"])
 
         return blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
 
     def hook(module, args, output):
-        raise _Stop(_hidden_of(output))
+        calls[0] += 1
+        if calls[0] == loop:
+            raise _Stop(_hidden_of(output))
 
     return blocks[layer - 1].register_forward_hook(hook)
 
@@ -240,10 +291,11 @@ def forward_to(
                   inputs_embeds=inputs_embeds, use_cache=cache is not None)
     if cache is not None:
         kwargs["cache"] = cache
-    if layer == FINAL:
+    loop, block = _loop_target(layer, lm.n_loops)
+    if block == FINAL:
         return base(**kwargs).last_hidden_state
 
-    handle = _stop_hook(int(layer), lm.blocks)
+    handle = _stop_hook(block, lm.blocks, loop)
     try:
         base(**kwargs)
     except _Stop as stop:
@@ -261,11 +313,28 @@ def new_cache(lm: LM):
 
 
 def expand_cache(cache, batch: int):
-    """A copy of a batch-1 prefix cache repeated `batch` times; the original stays unchanged."""
+    """A copy of a batch-1 prefix cache repeated `batch` times; the original stays unchanged.
+
+    Attention layers repeat their keys and values; recurrent layers (e.g. Kimi Linear's KDA,
+    which transformers' batch_repeat_interleave skips) repeat their convolution and recurrent
+    states, so each candidate continues from its own copy of the prefix state.
+    """
     grown = copy.deepcopy(cache)
     if batch > 1:
-        grown.batch_repeat_interleave(batch)
+        for layer in grown.layers:
+            if hasattr(layer, "batch_repeat_interleave"):
+                layer.batch_repeat_interleave(batch)
+            if hasattr(layer, "recurrent_states"):
+                _repeat_linear_states(layer, batch)
     return grown
+
+
+def _repeat_linear_states(layer, batch: int) -> None:
+    """Repeat the conv and recurrent states of a linear-attention layer: (1, ..) -> (batch, ..)."""
+    for states_of in (layer.conv_states, layer.recurrent_states):
+        for index, state in states_of.items():
+            if state is not None:
+                states_of[index] = state.repeat_interleave(batch, dim=0)
 
 
 @torch.no_grad()

@@ -8,14 +8,15 @@ by the exhaustive fallback, so every policy is exact when the acceptance rule is
     gradient    the paper's policy: gradient steps on a continuous proxy embedding, each
                 proposing the nearest untried token embedding (published hyperparameters)
     exhaustive  the whole vocabulary, nearest state wins (the guaranteed fallback)
-    probe       default: a closed-form linear probe ranks the vocabulary from the observed
-                states, then batches of growing size (4, 32, 256, ...) are verified
+    probe       default: a closed-form linear probe proposes 4 candidates; if none is
+                accepted, Gauss-Newton on the input embedding re-ranks the vocabulary,
+                verified in batches of growing size (4, 32, 256, ...)
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,7 @@ class Step:
     position: int
     observed: torch.Tensor  # all observed states (T, d), fp32
     verifier: Verifier
+    best_token: Callable[[], int] = lambda: -1  # nearest verified candidate so far
 
     @property
     def target(self) -> torch.Tensor:
@@ -79,23 +81,62 @@ class ExhaustivePolicy(Policy):
 
 
 class ProbePolicy(Policy):
-    """Rank by the linear probe (sipit.invert.probe), verify batches of growing size."""
+    """Rank by the linear probe, then refine by Gauss-Newton, verifying small batches first.
+
+    1. The probe (sipit.invert.probe) ranks the vocabulary; its top 4 are verified.
+    2. If none is accepted, Gauss-Newton steps on ||state(e) - observed||^2 over the input
+       embedding e start from the nearest verified candidate (Jacobian by finite differences,
+       one batched forward of d + 1 embeddings per step); the vocabulary is re-ranked by cosine
+       similarity to the solution and verified in batches of 4, 32, 256, then 1024.
+    """
 
     name = "probe"
-    schedule = (4, 32, 256, 1024)
+    schedule = (4, 32, 256)
+    gauss_newton_steps = 6
+    damping = 1e-2
+    step = 1e-3  # finite-difference step, relative to the embedding scale
 
     def prepare(self, observed: torch.Tensor) -> None:
         from sipit.invert import probe
 
         self.ranking = probe.load_or_fit(self.lm, self.layer).scores(observed.cpu())  # (T, V)
+        self.table = self.lm.model.get_input_embeddings().weight.detach().float()  # (V, d)
 
     def candidates(self, step: Step) -> Iterator[torch.Tensor]:
-        order = self.ranking[step.position].argsort(descending=True)
+        first = self.ranking[step.position].argsort(descending=True)[:4]
+        yield first
+
+        refined = self.gauss_newton(step, self.table[step.best_token()].clone())
+        cosine = nn_normalize(self.table) @ nn_normalize(refined)  # (V,)
+        cosine[first] = float("-inf")
+        order = cosine.argsort(descending=True)[: self.lm.vocab_size - len(first)]
         start = 0
         for size in self.schedule:
             yield order[start:size]
             start = size
         yield from order[start:].split(1024)
+
+    @torch.no_grad()
+    def gauss_newton(self, step: Step, embedding: torch.Tensor) -> torch.Tensor:
+        """Damped Gauss-Newton on the input embedding; returns the best iterate (d,)."""
+        d = len(embedding)
+        eps = self.step * float(self.table.norm(dim=-1).mean()) / d**0.5
+        best, best_residual = embedding, float("inf")
+        for _ in range(self.gauss_newton_steps):
+            probes = torch.cat([embedding[None], embedding[None] + eps * torch.eye(d)])
+            states = step.verifier.embedding_states(probes)  # (d + 1, d)
+            residual = step.target - states[0]
+            if float(residual.norm()) < best_residual:
+                best, best_residual = embedding, float(residual.norm())
+            jacobian = (states[1:] - states[0]).T / eps  # (d_out, d_in)
+            normal = jacobian.T @ jacobian
+            normal += self.damping * normal.diagonal().mean() * torch.eye(d)
+            embedding = embedding + torch.linalg.solve(normal, jacobian.T @ residual)
+        return best
+
+
+def nn_normalize(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x, dim=-1)
 
 
 class GradientPolicy(Policy):

@@ -25,6 +25,11 @@ from sipit.invert.verify import Acceptance, Verifier, calibrate
 
 log = logging.getLogger(__name__)
 
+# A search stops early only on a candidate within tolerance / CONFIDENT_FRACTION; a nearest
+# candidate between that and the tolerance is accepted only after the whole vocabulary was
+# verified and it is still the nearest (in bf16 wrong tokens can sit just inside the tolerance).
+CONFIDENT_FRACTION = 4
+
 
 @dataclass
 class TokenStat:
@@ -160,12 +165,14 @@ class Search:
         step = policies.Step(position, self.observed, self.verifier)
         best = Best()
         tried = torch.zeros(self.lm.vocab_size, dtype=torch.bool)
+        step.best_token = lambda: best.token
 
+        confident = tolerance / CONFIDENT_FRACTION
         for batch in self.policy.candidates(step):
             self.verify(batch, target, best, tried)
-            if best.distance <= tolerance and not getattr(self.policy, "exhaustive", False):
+            if best.distance <= confident and not getattr(self.policy, "exhaustive", False):
                 break
-        if best.distance > tolerance and not tried.all():
+        if best.distance > confident and not tried.all():
             self.verify((~tried).nonzero()[:, 0], target, best, tried)  # exhaustive fallback
         if best.distance > tolerance:
             log.warning("position %d: nearest candidate at %.3g exceeds tolerance %.3g",

@@ -46,13 +46,21 @@ class Verifier:
             out.append(hidden[:, 0].float())
         return torch.cat(out)
 
-    def state_of_embedding(self, embedding: torch.Tensor) -> torch.Tensor:
-        """State at the next position for a continuous input embedding (d,) -> (d,), with grad."""
-        cache = None if self.cache is None else lm_mod.expand_cache(self.cache, 1)
-        embeds = embedding.to(self.lm.dtype)[None, None]  # (1, 1, d)
+    def embedding_states(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """States at the next position for continuous input embeddings (K, d) -> (K, d), fp32.
+
+        Differentiable: used by the gradient policy and the probe's Gauss-Newton refinement.
+        """
+        k = len(embeddings)
+        cache = None if self.cache is None else lm_mod.expand_cache(self.cache, k)
+        embeds = embeddings.to(self.lm.device, self.lm.dtype)[:, None]  # (K, 1, d)
         hidden = lm_mod.forward_to(self.lm, self.layer, None, cache=cache,
-                                   position_ids=self._positions(1), inputs_embeds=embeds)
-        return hidden[0, 0].float()
+                                   position_ids=self._positions(k), inputs_embeds=embeds)
+        return hidden[:, 0].float()
+
+    def state_of_embedding(self, embedding: torch.Tensor) -> torch.Tensor:
+        """State at the next position for one continuous embedding (d,) -> (d,), with grad."""
+        return self.embedding_states(embedding[None])[0]
 
     @torch.no_grad()
     def push(self, token: int) -> None:
@@ -68,7 +76,11 @@ class Verifier:
 @dataclass
 class Acceptance:
     """Accept a candidate when its L2 distance to the observed state is at most
-    rel_tol * ||observed|| + abs_tol; among several, the nearest wins."""
+    rel_tol * ||observed|| + abs_tol; among several, the nearest wins.
+
+    The search stops early only on a candidate well inside that tolerance (see
+    sipit.invert.sipit.CONFIDENT_FRACTION); otherwise it verifies the whole vocabulary first.
+    """
 
     rel_tol: float
     abs_tol: float

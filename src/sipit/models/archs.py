@@ -32,6 +32,35 @@ def build_llama(vocab_size: int, **overrides) -> PreTrainedModel:
 ARCHS: dict[str, Callable[..., PreTrainedModel]] = {"llama": build_llama}
 
 
+def _register_kimi() -> None:
+    """Kimi Linear: "kimi" (3 KDA : 1 attention; override `ratio`), "kimi-full" (the control),
+    and "kimi-rN" (N KDA : 1 attention) for the ratio ablation from the CLI."""
+    from functools import partial
+
+    from sipit.models import kimi
+
+    ARCHS["kimi"] = kimi.build_kimi
+    ARCHS["kimi-full"] = kimi.build_kimi_full
+    for ratio in (0, 1, 3, 7):
+        ARCHS[f"kimi-r{ratio}"] = partial(kimi.build_kimi, ratio=ratio)
+
+
+_register_kimi()
+
+
+def _register_ouro() -> None:
+    """Ouro (looped, 2 blocks x 4 steps) and its controls: "ouro-flat" (same blocks, one step,
+    iso-parameter) and "ouro-deep" (8 unshared blocks, one step, iso-FLOP)."""
+    from sipit.models import ouro
+
+    ARCHS["ouro"] = ouro.build_ouro
+    ARCHS["ouro-flat"] = ouro.build_ouro_flat
+    ARCHS["ouro-deep"] = ouro.build_ouro_deep
+
+
+_register_ouro()
+
+
 def build(arch: str, vocab_size: int, **overrides) -> PreTrainedModel:
     """A fresh model of architecture `arch`."""
     from sipit.errors import SipitError
