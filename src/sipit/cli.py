@@ -48,6 +48,9 @@ def tracked(description: str):
 def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log library progress.")):
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # sipit shows its own bars; keep stderr to one line on errors
 
 
 @app.command()
@@ -359,10 +362,11 @@ def run() -> None:
     try:
         app(standalone_mode=False)
     except SipitError as err:
-        err_console.print(f"[red]error:[/] {err}")
+        err_console.print(f"[red]error:[/] {err}", soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted[/]: finished work is kept in the checkpoint")
+        err_console.print("[yellow]interrupted[/]: finished work is kept in the checkpoint",
+                          soft_wrap=True)
         sys.exit(130)
     except typer.Exit as exit_:
         sys.exit(exit_.exit_code)

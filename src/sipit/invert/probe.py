@@ -1,9 +1,11 @@
-"""A linear probe from observed states back to tokens, fitted in closed form on random prompts.
+"""A linear probe from observed states back to input embeddings, fitted in closed form.
 
-It is the ranking behind the default policy: for position t it scores every vocabulary token
-from the observed states h_t and h_{t-1} (the previous state carries the context h_t was built
-on). Fitting is ridge regression onto one-hot targets, so it needs one pass over the data and
-one small linear solve, no training loop. Probes are cached per model weights, layer and dtype.
+It is the first ranking of the default policy. For position t it reads the observed states
+h_{t-1}, h_t and h_{t+1} (the neighbours carry the context h_t was built on and the token it
+was followed by), each scaled to unit RMS, and predicts the RMS-normalised input embedding of
+the token at t. Tokens are ranked by L2 distance between their normalised embedding and the
+prediction. Fitting is ridge regression on states of random prompts: one pass over the data
+and one small linear solve, no training loop. Probes are cached per weights, layer and dtype.
 """
 
 from __future__ import annotations
@@ -20,40 +22,51 @@ from sipit.states import weights_hash
 
 log = logging.getLogger(__name__)
 
+VERSION = 2  # bump when the features change, so stale cache entries are not read
+
 
 def cache_dir() -> Path:
     root = os.environ.get("SIPIT_CACHE") or Path.home() / ".cache" / "sipit"
     return Path(root) / "probes"
 
 
+def unit_rms(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit root-mean-square (all-zero rows stay zero)."""
+    return x / x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
+
+
 def features(observed: torch.Tensor) -> torch.Tensor:
-    """Probe inputs for every position: (T, d) -> (T, 2d + 1) = [h_t, h_{t-1}, 1]."""
-    h = observed.float()
-    previous = torch.cat([torch.zeros_like(h[:1]), h[:-1]])
-    ones = torch.ones_like(h[:, :1])
-    return torch.cat([h, previous, ones], dim=-1)
+    """Probe inputs: (T, d) -> (T, 3d + 1) = [h_t, h_{t-1}, h_{t+1}, 1], each unit RMS."""
+    h = unit_rms(observed.float())
+    zero = torch.zeros_like(h[:1])
+    previous, following = torch.cat([zero, h[:-1]]), torch.cat([h[1:], zero])
+    return torch.cat([h, previous, following, torch.ones_like(h[:, :1])], dim=-1)
+
+
+def targets(lm: lm_mod.LM) -> torch.Tensor:
+    """What the probe predicts: the unit-RMS input embedding of every token, (V, d)."""
+    return unit_rms(lm.model.get_input_embeddings().weight.detach().float().cpu())
 
 
 @dataclass
 class Probe:
-    """Scores = standardised features @ weight: (T, 2d + 1) -> (T, V)."""
+    """Predicted embeddings = features @ weight: (T, 3d + 1) -> (T, d)."""
 
-    mean: torch.Tensor  # (2d + 1,)
-    scale: torch.Tensor  # (2d + 1,)
-    weight: torch.Tensor  # (2d + 1, V)
+    weight: torch.Tensor  # (3d + 1, d)
+    table: torch.Tensor  # (V, d) unit-RMS input embeddings
 
     def scores(self, observed: torch.Tensor) -> torch.Tensor:
-        """Token scores for every position of observed states (T, d) -> (T, V)."""
-        x = (features(observed) - self.mean) / self.scale
-        return x @ self.weight
+        """Token scores for every position (higher is likelier): (T, d) -> (T, V)."""
+        predicted = features(observed) @ self.weight  # (T, d)
+        return -torch.cdist(predicted, self.table)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return dict(mean=self.mean, scale=self.scale, weight=self.weight)
+        return dict(weight=self.weight, table=self.table)
 
 
 @torch.no_grad()
 def sample_states(lm: lm_mod.LM, layer, n_states: int, seq_len: int, seed: int):
-    """Features and tokens of random prompts at `layer`: (N, 2d + 1) and (N,)."""
+    """Features and tokens of random prompts at `layer`: (N, 3d + 1) and (N,)."""
     generator = torch.Generator().manual_seed(seed)
     seq_len = min(seq_len, lm.max_positions or seq_len)
     n_seqs = max(1, n_states // seq_len)
@@ -65,27 +78,23 @@ def sample_states(lm: lm_mod.LM, layer, n_states: int, seq_len: int, seed: int):
     return torch.cat(xs), ids.flatten()
 
 
-def fit(lm: lm_mod.LM, layer, n_states: int = 32768, seq_len: int = 64, ridge: float = 1e-3,
+def fit(lm: lm_mod.LM, layer, n_states: int = 32768, seq_len: int = 64, ridge: float = 1e-4,
         seed: int = 0) -> Probe:
-    """Ridge regression from standardised features onto one-hot tokens, solved in closed form."""
+    """Ridge regression from features onto normalised embeddings, solved in closed form."""
     x, tokens = sample_states(lm, layer, n_states, seq_len, seed)
-    mean, scale = x.mean(0), x.std(0).clamp_min(1e-6)
-    mean[-1], scale[-1] = 0.0, 1.0  # keep the bias column
-    x = ((x - mean) / scale).double()
-
-    gram = x.T @ x + ridge * len(x) * torch.eye(x.shape[1], dtype=x.dtype)  # (2d+1, 2d+1)
-    rhs = torch.zeros(x.shape[1], lm.vocab_size, dtype=x.dtype)
-    rhs.index_add_(1, tokens, x.T)  # x.T @ one_hot(tokens): (2d+1, V)
-    weight = torch.linalg.solve(gram, rhs).float()
-    return Probe(mean=mean, scale=scale, weight=weight)
+    table = targets(lm)
+    x = x.double()
+    gram = x.T @ x + ridge * len(x) * torch.eye(x.shape[1], dtype=x.dtype)  # (3d+1, 3d+1)
+    weight = torch.linalg.solve(gram, x.T @ table[tokens].double()).float()  # (3d+1, d)
+    return Probe(weight=weight, table=table)
 
 
 def load_or_fit(lm: lm_mod.LM, layer) -> Probe:
     """The probe for this model's weights, layer and dtype, from the disk cache or fitted now."""
     from safetensors.torch import load_file, save_file
 
-    key = f"{weights_hash(lm.model)}-{lm_mod.layer_name(layer)}-{lm.dtype_name}.safetensors"
-    path = cache_dir() / key
+    name = f"v{VERSION}-{weights_hash(lm.model)}-{lm_mod.layer_name(layer)}-{lm.dtype_name}"
+    path = cache_dir() / f"{name}.safetensors"
     if path.is_file():
         try:
             return Probe(**load_file(str(path)))
