@@ -8,9 +8,10 @@ by the exhaustive fallback, so every policy is exact when the acceptance rule is
     gradient    the paper's policy: gradient steps on a continuous proxy embedding, each
                 proposing the nearest untried token embedding (published hyperparameters)
     exhaustive  the whole vocabulary, nearest state wins (the guaranteed fallback)
-    probe       default: a closed-form linear probe proposes 4 candidates; if none is
-                accepted, Gauss-Newton on the input embedding re-ranks the vocabulary,
-                verified in batches of growing size (4, 32, 256, ...)
+    probe       default: a closed-form linear probe proposes one candidate, a linear
+                correction around the nearest verified one proposes 3, 4 and 8 more; if
+                none is accepted, Gauss-Newton on the input embedding re-ranks the
+                vocabulary, verified in batches of growing size (16, 64, 256, ...)
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from sipit.errors import SipitError
-from sipit.invert.verify import Verifier
+from sipit.invert.verify import UNIT_ROUNDOFF, Verifier
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class Step:
     observed: torch.Tensor  # all observed states (T, d), fp32
     verifier: Verifier
     best_token: Callable[[], int] = lambda: -1  # nearest verified candidate so far
+    best_state: Callable[[], torch.Tensor | None] = lambda: None  # its state (d,)
 
     @property
     def target(self) -> torch.Tensor:
@@ -81,35 +83,59 @@ class ExhaustivePolicy(Policy):
 
 
 class ProbePolicy(Policy):
-    """Rank by the linear probe, then refine by Gauss-Newton, verifying small batches first.
+    """Probe, then anchored corrections, then Gauss-Newton, verifying small batches first.
 
-    1. The probe (sipit.invert.probe) ranks the vocabulary; its top 4 are verified.
-    2. If none is accepted, Gauss-Newton steps on ||state(e) - observed||^2 over the input
-       embedding e start from the nearest verified candidate (Jacobian by finite differences,
-       one batched forward of d + 1 embeddings per step); the vocabulary is re-ranked by cosine
-       similarity to the solution and verified in batches of 4, 32, 256, then 1024.
+    1. The probe's top token (sipit.invert.probe) is verified alone.
+    2. Anchored corrections: from the nearest verified candidate a, the probe's correction
+       predicts e(a) + C (h_t - h(a)); the untried tokens nearest to it are verified, 3, then
+       4, then 8 (4, 8 and 16 candidates in all), each round from the newest nearest anchor.
+       The first prediction is refined by `first_steps` Gauss-Newton steps (below) before
+       its tokens are verified: deep layers are too nonlinear for the correction alone.
+    3. If none is accepted, damped Gauss-Newton on ||state(e) - observed||^2 over the input
+       embedding e starts from the nearest verified candidate (Jacobian by finite differences,
+       one batched forward of d + 1 embeddings per step); the untried vocabulary is re-ranked
+       by cosine similarity to the solution and verified in batches of 16, 64, 256, then 1024.
     """
 
     name = "probe"
-    schedule = (4, 32, 256)
+    anchored = (3, 4, 8)
+    schedule = (16, 64, 256)
     gauss_newton_steps = 6
+    first_steps = 3  # Gauss-Newton steps refining the first correction (before 4 candidates)
     damping = 1e-2
-    step = 1e-3  # finite-difference step, relative to the embedding scale
+    step = 1e-3  # finite-difference step, relative to the embedding scale (at least 8 ulp)
 
     def prepare(self, observed: torch.Tensor) -> None:
         from sipit.invert import probe
 
-        self.ranking = probe.load_or_fit(self.lm, self.layer).scores(observed.cpu())  # (T, V)
+        self.probe = probe.load_or_fit(self.lm, self.layer)
+        self.ranking = self.probe.scores(observed.cpu())  # (T, V)
         self.table = self.lm.model.get_input_embeddings().weight.detach().float()  # (V, d)
+        self.table_cpu = self.table.cpu()
 
     def candidates(self, step: Step) -> Iterator[torch.Tensor]:
-        first = self.ranking[step.position].argsort(descending=True)[:4]
+        untried = torch.ones(self.lm.vocab_size, dtype=torch.bool)
+        first = self.ranking[step.position].argmax().view(1)
+        untried[first] = False
         yield first
 
+        for i, size in enumerate(self.anchored):
+            anchor = step.best_token()
+            predicted = self.probe.corrected(self.table_cpu[anchor], step.best_state().cpu(),
+                                             step.target.cpu())  # (d,)
+            if i == 0 and self.first_steps:
+                predicted = self.gauss_newton(step, predicted.to(self.table.device),
+                                              self.first_steps).cpu()
+            distances = (self.table_cpu - predicted).norm(dim=-1)  # (V,)
+            distances[~untried] = float("inf")
+            batch = distances.topk(size, largest=False).indices
+            untried[batch] = False
+            yield batch
+
         refined = self.gauss_newton(step, self.table[step.best_token()].clone())
-        cosine = nn_normalize(self.table) @ nn_normalize(refined)  # (V,)
-        cosine[first] = float("-inf")
-        order = cosine.argsort(descending=True)[: self.lm.vocab_size - len(first)]
+        cosine = (nn_normalize(self.table) @ nn_normalize(refined)).cpu()  # (V,)
+        cosine[~untried] = float("-inf")
+        order = cosine.argsort(descending=True)[: int(untried.sum())]
         start = 0
         for size in self.schedule:
             yield order[start:size]
@@ -117,12 +143,14 @@ class ProbePolicy(Policy):
         yield from order[start:].split(1024)
 
     @torch.no_grad()
-    def gauss_newton(self, step: Step, embedding: torch.Tensor) -> torch.Tensor:
+    def gauss_newton(self, step: Step, embedding: torch.Tensor, steps: int | None = None
+                     ) -> torch.Tensor:
         """Damped Gauss-Newton on the input embedding; returns the best iterate (d,)."""
         d = len(embedding)
-        eps = self.step * float(self.table.norm(dim=-1).mean()) / d**0.5
+        relative = max(self.step, 8 * UNIT_ROUNDOFF[self.lm.dtype])
+        eps = relative * float(self.table.norm(dim=-1).mean()) / d**0.5
         best, best_residual = embedding, float("inf")
-        for _ in range(self.gauss_newton_steps):
+        for _ in range(steps or self.gauss_newton_steps):
             probes = torch.cat([embedding[None], embedding[None] + eps * torch.eye(d)])
             states = step.verifier.embedding_states(probes)  # (d + 1, d)
             residual = step.target - states[0]

@@ -137,8 +137,7 @@ class Search:
     def run(self, done: list[TokenStat], checkpoint=None, progress=None) -> InversionResult:
         started = time.perf_counter()
         stats = list(done)
-        for stat in stats:
-            self.verifier.push(stat.token_id)
+        self.verifier.push_prefix([stat.token_id for stat in stats])
         if stats:
             log.info("resumed at position %d of %d", len(stats), len(self.observed))
 
@@ -166,6 +165,7 @@ class Search:
         best = Best()
         tried = torch.zeros(self.lm.vocab_size, dtype=torch.bool)
         step.best_token = lambda: best.token
+        step.best_state = lambda: best.state
 
         confident = tolerance / CONFIDENT_FRACTION
         for batch in self.policy.candidates(step):
@@ -192,9 +192,10 @@ class Search:
         batch = batch[~tried[batch]]
         if len(batch) == 0:
             return
-        distances = (self.verifier.states(batch) - target).norm(dim=-1)  # (K,)
+        states = self.verifier.states(batch)  # (K, d)
+        distances = (states - target).norm(dim=-1)  # (K,)
         tried[batch] = True
-        best.update(batch, distances.cpu())
+        best.update(batch, distances.cpu(), states)
 
 
 class Best:
@@ -202,10 +203,14 @@ class Best:
 
     def __init__(self):
         self.token, self.distance, self.runner_up, self.count = -1, float("inf"), float("inf"), 0
+        self.state: torch.Tensor | None = None  # state of the nearest candidate (d,)
 
-    def update(self, batch: torch.Tensor, distances: torch.Tensor) -> None:
+    def update(self, batch: torch.Tensor, distances: torch.Tensor,
+               states: torch.Tensor | None = None) -> None:
         self.count += len(batch)
         values, order = distances.sort()
+        if states is not None and float(values[0]) < self.distance:
+            self.state = states[int(order[0])]
         pool = [(float(values[i]), int(batch[order[i]])) for i in range(min(2, len(values)))]
         pool += [(self.distance, self.token), (self.runner_up, -1)]
         pool.sort(key=lambda x: x[0])

@@ -62,15 +62,23 @@ class Verifier:
         """State at the next position for one continuous embedding (d,) -> (d,), with grad."""
         return self.embedding_states(embedding[None])[0]
 
-    @torch.no_grad()
     def push(self, token: int) -> None:
         """Append a recovered token to the prefix and extend the cache by it."""
+        self.push_prefix([token])
+
+    @torch.no_grad()
+    def push_prefix(self, tokens) -> None:
+        """Append tokens to the prefix with one forward that extends the cache: (n,)."""
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            return
         if self.cache is None:
             self.cache = lm_mod.new_cache(self.lm)
-        ids = torch.tensor([[token]], device=self.lm.device)
-        lm_mod.forward_to(self.lm, self.layer, ids, cache=self.cache,
-                          position_ids=self._positions(1))
-        self.prefix.append(int(token))
+        ids = torch.tensor([tokens], device=self.lm.device)  # (1, n)
+        positions = torch.arange(self.position, self.position + len(tokens),
+                                 device=self.lm.device)[None]  # (1, n)
+        lm_mod.forward_to(self.lm, self.layer, ids, cache=self.cache, position_ids=positions)
+        self.prefix.extend(tokens)
 
 
 @dataclass
