@@ -114,3 +114,45 @@ def test_best_keeps_nearest_and_runner_up():
     best.update(torch.tensor([8]), torch.tensor([0.15]))
     assert (best.token, best.count) == (6, 4)
     assert (best.distance, best.runner_up) == pytest.approx((0.1, 0.15))
+
+
+def test_push_prefix_matches_pushing_one_token_at_a_time(llama):
+    from sipit.invert.verify import Verifier
+
+    ids, candidates = [10, 20, 30, 40, 50], torch.tensor([7, 8, 9])
+    one_by_one, at_once = Verifier(llama, 2), Verifier(llama, 2)
+    for token in ids:
+        one_by_one.push(token)
+    at_once.push_prefix(ids)
+    assert at_once.prefix == ids
+    torch.testing.assert_close(at_once.states(candidates), one_by_one.states(candidates),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_anchored_correction_moves_towards_the_true_embedding(llama, wiki_prompts):
+    from sipit.invert import probe as probe_mod
+    from sipit.invert.verify import Verifier
+
+    fitted = probe_mod.load_or_fit(llama, 1)
+    table = llama.model.get_input_embeddings().weight.detach().float()
+    ids = first_tokens(llama, wiki_prompts[7], n=16)
+    observed = lm_mod.states(llama, ids, 1).float()
+    verifier, ranks = Verifier(llama, 1), []
+    for t, token in enumerate(ids):
+        anchor = int((table - table[token]).norm(dim=-1).argsort()[20])  # 20th nearest token
+        anchor_state = verifier.states(torch.tensor([anchor]))[0]
+        predicted = fitted.corrected(table[anchor], anchor_state, observed[t])
+        order = (table - predicted).norm(dim=-1).argsort()
+        ranks.append(int((order == token).nonzero()))
+        verifier.push(token)
+    assert sum(rank < 4 for rank in ranks) >= 0.75 * len(ids), ranks
+
+
+def test_default_policy_verifies_few_candidates_on_real_text(llama, wiki_prompts):
+    counts = []
+    for text in wiki_prompts[8:10]:
+        ids = llama.encode(text)
+        result = sipit.invert(sipit.capture(llama, token_ids=ids, layer=1), model=llama)
+        assert result.token_ids == ids
+        counts += [p.candidates for p in result.positions]
+    assert sorted(counts)[len(counts) // 2] <= 4

@@ -1,4 +1,5 @@
-"""The `sipit` command line: a thin Typer layer over library functions; the only place that prints."""
+"""The `sipit` command line: a thin Typer layer over library functions, the only place that
+prints."""
 
 from __future__ import annotations
 
@@ -117,7 +118,7 @@ def show_inversion(result) -> None:
 
 @app.command()
 def demo(model: str = MODEL, layer: str = typer.Option("2", "--layer", "-l")):
-    """Capture three real sentences at a middle layer, invert them, show the verdict (sipit.demo)."""
+    """Capture three real sentences at a middle layer and invert them (sipit.demo.run)."""
     from sipit.demo import run
 
     bar, update = tracked("demo")

@@ -22,7 +22,8 @@ def data_dir() -> Path:
         candidate = root / ".." / "shared" / "data"
         if candidate.is_dir():
             return candidate.resolve()
-    raise SipitError("shared data not found: set SIPIT_DATA or put ../shared/data beside the project")
+    raise SipitError("shared data not found: set SIPIT_DATA or put ../shared/data beside the "
+                     "project")
 
 
 def corpus_path() -> Path:

@@ -4,7 +4,8 @@ Layer names are the same everywhere in sipit (capture, invert, audit):
 
     "0"        the embedding output, i.e. the input of block 1 (after any embedding scale or
                learned positions the model adds);
-    "i"        the output of block i (1 <= i <= n_layers), the residual stream before the final norm;
+    "i"        the output of block i (1 <= i <= n_layers): the residual stream, before the
+               final norm;
     "-1"       counts from the end: the last block, still before the final norm;
     "final"    the output of the final norm (Hugging Face's hidden_states[-1]).
 
@@ -201,7 +202,8 @@ def parse_layer(spec: str | int, n_layers: int, n_loops: int | None = None) -> i
     if index < 0:
         index += n_layers + 1
     if not 0 <= index <= n_layers:
-        raise SipitError(f"layer {spec} out of range: this model has layers 0..{n_layers} and 'final'")
+        raise SipitError(f"layer {spec} out of range: this model has layers 0..{n_layers} "
+                         "and 'final'")
     return index
 
 

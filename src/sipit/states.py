@@ -78,7 +78,8 @@ def load(path: str | Path) -> States:
     except SipitError:
         raise
     except Exception as err:  # safetensors raises several types for a damaged file
-        raise SipitError(f"{path} is not a readable safetensors file ({type(err).__name__})") from err
+        kind = type(err).__name__
+        raise SipitError(f"{path} is not a readable safetensors file ({kind})") from err
 
     validate(path, tensor, meta)
     return States(states=tensor, meta=meta)
@@ -87,9 +88,11 @@ def load(path: str | Path) -> States:
 def validate(path: Path, tensor: torch.Tensor, meta: dict) -> None:
     missing = [k for k in REQUIRED if k not in meta]
     if meta.get("format") != FORMAT or missing:
-        raise SipitError(f"{path} has no sipit provenance (missing {', '.join(missing) or 'format'})")
+        names = ", ".join(missing) or "format"
+        raise SipitError(f"{path} has no sipit provenance (missing {names})")
     if tensor.ndim != 2:
-        raise SipitError(f"{path}: states must be (positions, hidden), got shape {tuple(tensor.shape)}")
+        shape = tuple(tensor.shape)
+        raise SipitError(f"{path}: states must be (positions, hidden), got shape {shape}")
     if tensor.shape[0] != int(meta["length"]) or tensor.shape[1] != int(meta["hidden_size"]):
         raise SipitError(f"{path}: states shape {tuple(tensor.shape)} disagrees with its metadata")
     if tensor.shape[0] == 0:

@@ -133,7 +133,8 @@ def train(cfg: TrainConfig, progress=None) -> dict:
 
     model.to(torch.float16).to(torch.float32)  # the shipped weights are fp16: measure those
     record = dict(
-        arch=cfg.arch, parameters=n_params, steps=steps, tokens=steps * cfg.batch_size * cfg.seq_len,
+        arch=cfg.arch, parameters=n_params, steps=steps,
+        tokens=steps * cfg.batch_size * cfg.seq_len,
         train_seconds=round(train_seconds, 1), final_train_loss=round(losses[-1], 4),
         held_out_loss=round(held_out_loss(model, held_ids, cfg), 4),
         threads=torch.get_num_threads(), config=asdict(cfg),

@@ -231,7 +231,8 @@ class Checkpoint:
         try:
             data = json.loads(self.path.read_text())
         except json.JSONDecodeError as err:
-            raise SipitError(f"checkpoint {self.path} is not valid JSON; delete it to restart") from err
+            raise SipitError(f"checkpoint {self.path} is not valid JSON; delete it to "
+                             "restart") from err
         if data.get("key") != self.key:
             raise SipitError(f"checkpoint {self.path} belongs to other states or another policy")
         return [TokenStat(**row) for row in data["positions"]]
