@@ -197,3 +197,19 @@ def test_audit_collects_plain_layer_names_at_the_last_loop_step():
     for layer in (1, 2, lm_mod.FINAL):
         torch.testing.assert_close(got[layer], lm_mod.forward_to(lm, layer, ids))
     torch.testing.assert_close(got[lm_mod.FINAL], lm.model(ids).loop_hidden_states[-1])
+
+
+@torch.no_grad()
+def test_audit_collects_every_loop_step_in_one_forward():
+    from sipit.audit import collect
+
+    lm = wrapped()
+    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(2))
+    layers = collect.parse_layers("all", lm.n_layers, lm.n_loops)
+    assert len(layers) == lm.n_loops * (lm.n_layers + 1)
+    got = collect.forward_layers(lm, layers, ids, pick=lambda h: h)
+    for layer in layers:
+        torch.testing.assert_close(got[layer], lm_mod.forward_to(lm, layer, ids))
+    assert not torch.allclose(got["1.1"], got["2.1"])
+    assert collect.parse_layers("2.final,1.1,final", lm.n_layers, lm.n_loops) == [
+        "1.1", "2.final", lm_mod.FINAL]

@@ -222,7 +222,7 @@ def _parse_loop_layer(spec, text: str, n_layers: int, n_loops: int | None) -> st
     return f"{loop}.{inner}"
 
 
-def _loop_target(layer: int | str, n_loops: int) -> tuple[int, int | str]:
+def loop_target(layer: int | str, n_loops: int) -> tuple[int, int | str]:
     """(loop step, block) of a parsed layer: plain block names mean the last loop step."""
     if isinstance(layer, str) and "." in layer:
         step, _, block = layer.partition(".")
@@ -253,25 +253,30 @@ def _hidden_of(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
-def _stop_hook(layer: int, blocks: nn.ModuleList, loop: int = 1):
-    """A hook that raises _Stop with the state of `layer` (0 = input of block 1) on the
-    `loop`-th call of that block (loop steps of a looped model reuse the same blocks)."""
+def hook_state(blocks: nn.ModuleList, layer: int, loop: int, keep) -> object:
+    """Call keep(state) with the state of `layer` (0 = input of block 1) on the `loop`-th
+    call of that block (loop steps of a looped model reuse the same blocks); returns the
+    hook handle."""
     calls = [0]
 
     if layer == 0:
         def pre_hook(module, args, kwargs):
             calls[0] += 1
             if calls[0] == loop:
-                raise _Stop(args[0] if args else kwargs["hidden_states"])
+                keep(args[0] if args else kwargs["hidden_states"])
 
         return blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
 
     def hook(module, args, output):
         calls[0] += 1
         if calls[0] == loop:
-            raise _Stop(_hidden_of(output))
+            keep(_hidden_of(output))
 
     return blocks[layer - 1].register_forward_hook(hook)
+
+
+def _stop(hidden: torch.Tensor):
+    raise _Stop(hidden)
 
 
 def forward_to(
@@ -293,11 +298,11 @@ def forward_to(
                   inputs_embeds=inputs_embeds, use_cache=cache is not None)
     if cache is not None:
         kwargs["cache"] = cache
-    loop, block = _loop_target(layer, lm.n_loops)
+    loop, block = loop_target(layer, lm.n_loops)
     if block == FINAL:
         return base(**kwargs).last_hidden_state
 
-    handle = _stop_hook(block, lm.blocks, loop)
+    handle = hook_state(lm.blocks, block, loop, _stop)
     try:
         base(**kwargs)
     except _Stop as stop:

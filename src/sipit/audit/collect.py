@@ -10,6 +10,7 @@ single-prompt forward up to kernel rounding).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator
 
 import torch
@@ -19,28 +20,37 @@ from sipit.errors import SipitError
 
 log = logging.getLogger(__name__)
 
-Layer = int | str  # 0..n_layers or lm_mod.FINAL
+Layer = int | str  # 0..n_layers, lm_mod.FINAL, or "u.i" / "u.final" on looped models
 
 
-def parse_layers(spec: str | list | None, n_layers: int) -> list[Layer]:
-    """Layer names -> sorted unique layers. None or "all" means blocks 1..n and "final".
+def layer_order(layer: Layer, n_loops: int) -> tuple[int, float]:
+    """Where a layer comes in the forward pass: (loop step, block), the final norm last."""
+    loop, block = lm_mod.loop_target(layer, n_loops)
+    return loop, math.inf if block == lm_mod.FINAL else float(block)
+
+
+def all_layers(n_layers: int, n_loops: int) -> list[Layer]:
+    """Every block and the final norm; on a looped model, those of every loop step."""
+    if n_loops == 1:
+        return [*range(1, n_layers + 1), lm_mod.FINAL]
+    return [f"{u}.{i}" for u in range(1, n_loops + 1)
+            for i in (*range(1, n_layers + 1), lm_mod.FINAL)]
+
+
+def parse_layers(spec: str | list | None, n_layers: int, n_loops: int = 1) -> list[Layer]:
+    """Layer names -> unique layers in forward order. None or "all" means `all_layers`.
 
     Layer 0 (the embedding output) is allowed but not in "all": at the last position it is
     the embedding of the last token alone, so prompts ending in the same token collide there.
     """
     if spec is None or (isinstance(spec, str) and spec.strip().lower() == "all"):
-        return [*range(1, n_layers + 1), lm_mod.FINAL]
+        return all_layers(n_layers, n_loops)
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     names = [str(item).strip() for item in items if str(item).strip()]
-    layers = [lm_mod.parse_layer(name, n_layers) for name in names]
+    layers = [lm_mod.parse_layer(name, n_layers, n_loops) for name in names]
     if not layers:
         raise SipitError("no layers given: use e.g. --layers 1,2,final or --layers all")
-    ints = sorted({x for x in layers if x != lm_mod.FINAL})
-    return ints + ([lm_mod.FINAL] if lm_mod.FINAL in layers else [])
-
-
-def _top(layers: list[Layer]) -> Layer:
-    return lm_mod.FINAL if lm_mod.FINAL in layers else max(layers)
+    return sorted(set(layers), key=lambda layer: layer_order(layer, n_loops))
 
 
 @torch.no_grad()
@@ -55,31 +65,28 @@ def forward_layers(
     """Run input_ids (B, T) up to the highest layer; return {layer: pick(state (B, T, d))}.
 
     `pick` selects what to keep (e.g. the last position) so full states are never stored.
+    Loop-step names of looped models are kept on the right call of the shared block.
     """
+    top = max(layers, key=lambda layer: layer_order(layer, lm.n_loops))
     kept: dict[Layer, torch.Tensor] = {}
     handles = []
     for layer in layers:
-        if layer == lm_mod.FINAL:
+        loop, block = lm_mod.loop_target(layer, lm.n_loops)
+        if block == lm_mod.FINAL or layer == top:
             continue
-        if layer == 0:
-            def pre_hook(module, args, kwargs, _layer=layer):
-                hidden = args[0] if args else kwargs["hidden_states"]
-                kept[_layer] = pick(hidden)
 
-            handles.append(lm.blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
-        else:
-            def hook(module, args, output, _layer=layer):
-                kept[_layer] = pick(output[0] if isinstance(output, tuple) else output)
+        def keep(hidden, _layer=layer):
+            kept[_layer] = pick(hidden)
 
-            handles.append(lm.blocks[layer - 1].register_forward_hook(hook))
+        handles.append(lm_mod.hook_state(lm.blocks, block, loop, keep))
     try:
-        top = lm_mod.forward_to(lm, _top(layers), input_ids, cache=cache,
-                                position_ids=position_ids)
+        state = lm_mod.forward_to(lm, top, input_ids, cache=cache, position_ids=position_ids)
     finally:
         for handle in handles:
             handle.remove()
-    if lm_mod.FINAL in layers:
-        kept[lm_mod.FINAL] = pick(top)
+    for layer in layers:  # the top, and its other names (e.g. "final" and "4.final")
+        if layer not in kept:
+            kept[layer] = pick(state)
     return kept
 
 

@@ -103,7 +103,7 @@ def audit_continuations(
     started = time.perf_counter()
     lm = model if isinstance(model, lm_mod.LM) else lm_mod.load(model, device, dtype)
     ids, _ = encode_prompts(lm, prefixes, minimum=1)
-    where = collect.parse_layers(layers, lm.n_layers)
+    where = collect.parse_layers(layers, lm.n_layers, lm.n_loops)
     n_cand = min(candidates or lm.vocab_size, lm.vocab_size)
     if n_cand < 2:
         raise SipitError("need at least two candidate tokens")

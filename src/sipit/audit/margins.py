@@ -113,7 +113,7 @@ def audit_margins(
     started = time.perf_counter()
     lm = model if isinstance(model, lm_mod.LM) else lm_mod.load(model, device, dtype)
     ids, _ = encode_prompts(lm, prompts, minimum=1)
-    where = collect.parse_layers(layers, lm.n_layers)
+    where = collect.parse_layers(layers, lm.n_layers, lm.n_loops)
     path = None if checkpoint is None else Path(checkpoint)
     key = json.dumps([ids, [str(x) for x in where]])
     done = _resume(path, key)

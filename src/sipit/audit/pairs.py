@@ -211,7 +211,7 @@ def audit_pairs(
     ids, merged = encode_prompts(lm, prompts)
     if bos:
         ids = [[_bos_id(lm), *seq] for seq in ids]
-    where = collect.parse_layers(layers, lm.n_layers)
+    where = collect.parse_layers(layers, lm.n_layers, lm.n_loops)
     sample = sample or (1 if len(ids) <= 20_000 else 8)
     floor = 16 * UNIT_ROUNDOFF[lm.dtype] if floor is None else floor
     settings = dict(threshold=threshold, k=k, block=block, tile=tile, sample=sample,
