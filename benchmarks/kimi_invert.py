@@ -1,11 +1,13 @@
 """SipIt on the Kimi Linear hybrid: exact inversion at a KDA layer and at the attention layer,
 and a simple collision audit (last-token pairwise L2) of the hybrid against its control.
 
-Prompts are the first 20 tokens of wiki20 segments. The hybrid is the built-in
+Inversion runs on the prompts of benchmarks/invert.py (the first 50 wiki20 segments, whole);
+the audit on the first 20 tokens of up to 200 segments. The hybrid is the built-in
 `shakespeare-kimi` (layers 1-3 KDA, layer 4 NoPE attention); the control is the full-attention
-model trained with the same recipe (a folder given by --control).
+model trained with the same recipe (a folder given by --control). Without the control folder
+the audit rows already in the output file are kept.
 
-    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/kimi_invert.py --prompts 5
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/kimi_invert.py
 
 Prints a table and writes benchmarks/results/kimi_invert.json.
 """
@@ -41,17 +43,20 @@ def prompts(lm: lm_mod.LM, n: int) -> list[list[int]]:
 
 def invert_all(lm: lm_mod.LM, layer: str, token_lists: list[list[int]], policy: str) -> dict:
     """Capture each prompt at `layer`, invert it, count exact recoveries."""
-    exact, seconds, candidates = 0, 0.0, 0
+    exact, seconds, counts = 0, 0.0, []
     for ids in token_lists:
         states = sipit.capture(lm, token_ids=ids, layer=layer)
         started = time.perf_counter()
         result = sipit.invert(states, model=lm, policy=policy)
         seconds += time.perf_counter() - started
         exact += int(result.token_ids == ids)
-        candidates += sum(p.candidates for p in result.positions)
-    n = len(token_lists)
-    return dict(layer=layer, prompts=n, exact=exact, seconds_per_prompt=round(seconds / n, 2),
-                candidates_per_token=round(candidates / (n * LENGTH), 1))
+        counts += [p.candidates for p in result.positions]
+    n, tokens = len(token_lists), len(counts)
+    return dict(layer=layer, prompts=n, tokens=tokens, exact=exact,
+                seconds_per_prompt=round(seconds / n, 2),
+                seconds_per_token=round(seconds / tokens, 3),
+                candidates_per_token=round(sum(counts) / tokens, 1),
+                median_candidates=sorted(counts)[tokens // 2])
 
 
 @torch.no_grad()
@@ -71,7 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hybrid", default="shakespeare-kimi")
     parser.add_argument("--control", default=str(ROOT / "runs/kimi/shakespeare-kimi-full"))
-    parser.add_argument("--prompts", type=int, default=5)
+    parser.add_argument("--prompts", type=int, default=50)
     parser.add_argument("--audit-prompts", type=int, default=200)
     parser.add_argument("--layers", default="1,4")
     parser.add_argument("--policy", default="probe")
@@ -81,9 +86,10 @@ def main() -> None:
 
     hybrid = lm_mod.load(args.hybrid)
     token_lists = prompts(hybrid, args.audit_prompts)
-    result = dict(inversion=[], audit=[], length=LENGTH, policy=args.policy)
+    whole = [hybrid.encode(text) for text in wiki20(args.prompts)]
+    result = dict(inversion=[], audit=[], audit_length=LENGTH, policy=args.policy)
     for layer in args.layers.split(","):
-        row = invert_all(hybrid, layer, token_lists[:args.prompts], args.policy)
+        row = invert_all(hybrid, layer, whole, args.policy)
         row["kind"] = hybrid.model.config.layer_types[int(layer) - 1]
         result["inversion"].append(row)
         print(f"invert layer {layer} ({row['kind']}): {row['exact']}/{row['prompts']} exact, "
@@ -93,6 +99,10 @@ def main() -> None:
     models = {"hybrid": hybrid}
     if Path(args.control).is_dir():
         models["control"] = lm_mod.load(args.control)
+    elif Path(args.out).is_file():
+        print(f"no control at {args.control}: keeping the audit rows of {args.out}")
+        result["audit"] = json.loads(Path(args.out).read_text())["audit"]
+        models = {}
     for name, lm in models.items():
         for layer in args.layers.split(","):
             row = dict(model=name, **audit(lm, layer, token_lists))

@@ -1,9 +1,10 @@
 """SipIt on the built-in looped model: exact inversion of wiki20 prompts from several loop steps.
 
-Each prompt is cut to its first 20 tokens, captured at the last block of loop step u
-("u.-1", before the final norm) and inverted with the default policy.
+The prompts are those of benchmarks/invert.py: the first 50 wiki20 segments, whole (35-45
+tokens; `--tokens N` cuts them to their first N). Each is captured at the last block of loop
+step u ("u.-1", before the final norm) and inverted with the default policy.
 
-    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/ouro_invert.py --prompts 20
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/ouro_invert.py
 
 Writes benchmarks/results/ouro_invert.json.
 """
@@ -40,14 +41,14 @@ def invert_at(lm: lm_mod.LM, prompts: list[list[int]], layer: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="shakespeare-ouro")
-    parser.add_argument("--prompts", type=int, default=20)
-    parser.add_argument("--tokens", type=int, default=20)
+    parser.add_argument("--prompts", type=int, default=50)
+    parser.add_argument("--tokens", type=int, default=0, help="cut prompts to N tokens (0: whole)")
     parser.add_argument("--loops", default="1,2,4")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
     lm = lm_mod.load(args.model)
-    prompts = [lm.encode(text)[:args.tokens] for text in wiki20(args.prompts)]
+    prompts = [lm.encode(text)[:args.tokens or None] for text in wiki20(args.prompts)]
     rows = [invert_at(lm, prompts, f"{u}.-1") for u in args.loops.split(",")]
     print(f"{'layer':6} {'exact':>7} {'positions':>9} {'seconds':>8} {'tok/s':>6}")
     for r in rows:
@@ -55,7 +56,9 @@ def main() -> None:
               f"{r['seconds']:>8} {r['tokens_per_s']:>6}")
     out = ROOT / "benchmarks" / "results" / "ouro_invert.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(model=args.model, rows=rows), indent=2) + "\n")
+    summary = dict(model=args.model, prompts=args.prompts, tokens=args.tokens or "whole",
+                   rows=rows)
+    out.write_text(json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":

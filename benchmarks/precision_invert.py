@@ -1,8 +1,9 @@
 """Benchmark: inversion of states captured in one dtype with the model run in another.
 
-    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/precision_invert.py [--prompts 20]
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/precision_invert.py [--prompts 50]
 
-wiki20 prompts, first 20 tokens of each, layer -1 of each built-in model. For every capture
+The prompts of benchmarks/invert.py (the first 50 wiki20 segments, whole; `--tokens N` cuts
+them to N tokens), layer -1 of each built-in model. For every capture
 dtype (fp32, bf16, fp16) and run dtype (fp32, bf16, fp16): exact-match rate, acceptance, and the
 margins (over the exactly inverted prompts) in units of the unit roundoff u of the coarser of
 the two dtypes:
@@ -55,10 +56,10 @@ def diagnose(result, states, ids: list[int], lm: lm_mod.LM) -> dict:
                 exhaustive_exact=again.token_ids == ids)
 
 
-def run_model(model: str, n: int, layer: str, pairs: list[tuple[str, str]]) -> list[dict]:
+def run_model(model: str, n: int, tokens: int, layer: str, pairs: list[tuple[str, str]]
+              ) -> list[dict]:
     lms = {d: lm_mod.load(model, "cpu", d) for d in DTYPES}
-    prompts = [lms["fp32"].tokenizer(t, add_special_tokens=False)["input_ids"][:20]
-               for t in wiki20(n)]
+    prompts = [lms["fp32"].encode(t)[:tokens or None] for t in wiki20(n)]
     rows = []
     for capture_dtype in dict.fromkeys(c for c, _ in pairs):
         captured = [sipit.capture(lms[capture_dtype], token_ids=ids, layer=layer)
@@ -71,6 +72,7 @@ def run_model(model: str, n: int, layer: str, pairs: list[tuple[str, str]]) -> l
                 # weights rounded to another dtype have another fingerprint: force
                 result = sipit.invert(states, model=lms[run_dtype], force=True)
                 per.append(dict(exact=result.token_ids == ids, accepted=result.all_accepted,
+                                tokens=len(ids),
                                 **margins(result, states.states, u)))
                 if not per[-1]["exact"]:
                     per[-1]["failure"] = diagnose(result, states, ids, lms[run_dtype])
@@ -84,6 +86,7 @@ def summarise(model, capture_dtype, run_dtype, per, u, seconds) -> dict:
     exact = [p for p in per if p["exact"]] or per  # margins of failed prompts hold cascades
     seps = [p["sep_u"] for p in exact if p["sep_u"] is not None]
     return dict(model=model, capture=capture_dtype, run=run_dtype, prompts=len(per),
+                tokens=per[0]["tokens"] if len({p["tokens"] for p in per}) == 1 else "whole",
                 exact=sum(p["exact"] for p in per) / len(per),
                 accepted=sum(p["accepted"] for p in per) / len(per),
                 u=u, worst_dist_u=max(p["dist_u"] for p in exact),
@@ -95,7 +98,8 @@ def summarise(model, capture_dtype, run_dtype, per, u, seconds) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", type=int, default=20)
+    parser.add_argument("--prompts", type=int, default=50)
+    parser.add_argument("--tokens", type=int, default=0, help="cut prompts to N tokens (0: whole)")
     parser.add_argument("--layer", default="-1")
     parser.add_argument("--models", nargs="*", default=None)
     parser.add_argument("--pairs", nargs="*", default=None,
@@ -111,11 +115,13 @@ def main() -> None:
     if args.models and out.is_file():
         rows = [r for r in json.loads(out.read_text())["rows"] if r["model"] not in models]
     for model in models:
-        rows += run_model(model, args.prompts, args.layer, pairs)
-    print("\n| model | capture | run | exact | accepted | u | worst dist/u | min sep/u | tol/u |")
-    print("|---|---|---|---|---|---|---|---|---|")
+        rows += run_model(model, args.prompts, args.tokens, args.layer, pairs)
+    print("\n| model | capture | run | prompts | exact | accepted | u | worst dist/u | min sep/u "
+          "| tol/u |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['capture']} | {r['run']} | {r['exact']:.2f} "
+        print(f"| {r['model']} | {r['capture']} | {r['run']} | {r['prompts']} x {r['tokens']} "
+              f"| {r['exact']:.2f} "
               f"| {r['accepted']:.2f} | {r['u']:.1e} | {r['worst_dist_u']:.2f} "
               f"| {r['min_sep_u'] or 0:.0f} | {r['tol_u']:.1f} |")
     out.write_text(json.dumps(dict(layer=args.layer, rows=rows), indent=1))

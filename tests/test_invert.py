@@ -74,6 +74,21 @@ def test_default_policy_is_exact_in_half_precision(wiki_prompts, dtype):
         assert sipit.invert(states, model=half).token_ids == ids
 
 
+def test_half_precision_proposals_use_an_fp32_guide(wiki_prompts):
+    half = lm_mod.load("shakespeare-llama", dtype="bf16")
+    ids = first_tokens(half, wiki_prompts[7])
+    states = sipit.capture(half, token_ids=ids, layer=-1)
+    policy = policies.make("probe", half, lm_mod.parse_layer(-1, half.n_layers))
+    policy.prepare(states.states.float())
+
+    assert policy.guide.dtype == torch.float32 and policy.guide.model is not half.model
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+    result = sipit.invert(states, model=half)
+    assert result.token_ids == ids
+    counts = sorted(p.candidates for p in result.positions)
+    assert counts[len(counts) // 2] <= 4, counts
+
+
 def test_checkpoint_resumes_where_it_stopped(llama, tmp_path):
     ids = [300, 301, 302, 303, 304, 305]
     states = sipit.capture(llama, token_ids=ids, layer=2)

@@ -177,6 +177,12 @@ def wrap(model: nn.Module, tokenizer, name: str) -> LM:
     )
 
 
+def cast(lm: LM, dtype: str | torch.dtype) -> LM:
+    """A copy of `lm` with its weights in another dtype (the original stays as it is)."""
+    model = copy.deepcopy(lm.model).to(resolve_dtype(dtype))
+    return wrap(model, lm.tokenizer, lm.name)
+
+
 def find_blocks(model: nn.Module) -> nn.ModuleList:
     """The ModuleList of transformer blocks: the shallowest one with num_hidden_layers entries."""
     n = getattr(model.config.get_text_config(), "num_hidden_layers", None)

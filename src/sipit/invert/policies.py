@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sipit import lm as lm_mod
 from sipit.errors import SipitError
 from sipit.invert.verify import UNIT_ROUNDOFF, Verifier
 
@@ -95,6 +96,11 @@ class ProbePolicy(Policy):
        embedding e starts from the nearest verified candidate (Jacobian by finite differences,
        one batched forward of d + 1 embeddings per step); the untried vocabulary is re-ranked
        by cosine similarity to the solution and verified in batches of 16, 64, 256, then 1024.
+
+    Proposals only need to be good, not to match the run's numerics: when the run is in fp16 or
+    bf16, the probe and the Gauss-Newton steps use an fp32 copy of the model (the guide), whose
+    finite differences are not drowned in half-precision rounding. Candidates are still
+    verified by the model in the run's dtype. Models above GUIDE_MAX_PARAMETERS keep one copy.
     """
 
     name = "probe"
@@ -108,7 +114,9 @@ class ProbePolicy(Policy):
     def prepare(self, observed: torch.Tensor) -> None:
         from sipit.invert import probe
 
-        self.probe = probe.load_or_fit(self.lm, self.layer)
+        self.guide = guide_model(self.lm)
+        self.guide_verifier = None if self.guide is self.lm else Verifier(self.guide, self.layer)
+        self.probe = probe.load_or_fit(self.guide, self.layer)
         self.ranking = self.probe.scores(observed.cpu())  # (T, V)
         self.table = self.lm.model.get_input_embeddings().weight.detach().float()  # (V, d)
         self.table_cpu = self.table.cpu()
@@ -142,17 +150,25 @@ class ProbePolicy(Policy):
             start = size
         yield from order[start:].split(1024)
 
+    def guide_at(self, step: Step) -> Verifier:
+        """The verifier proposals are computed with, its prefix caught up with the search's."""
+        if self.guide_verifier is None:
+            return step.verifier
+        self.guide_verifier.push_prefix(step.verifier.prefix[self.guide_verifier.position:])
+        return self.guide_verifier
+
     @torch.no_grad()
     def gauss_newton(self, step: Step, embedding: torch.Tensor, steps: int | None = None
                      ) -> torch.Tensor:
         """Damped Gauss-Newton on the input embedding; returns the best iterate (d,)."""
         d = len(embedding)
-        relative = max(self.step, 8 * UNIT_ROUNDOFF[self.lm.dtype])
+        verifier = self.guide_at(step)
+        relative = max(self.step, 8 * UNIT_ROUNDOFF[self.guide.dtype])
         eps = relative * float(self.table.norm(dim=-1).mean()) / d**0.5
         best, best_residual = embedding, float("inf")
         for _ in range(steps or self.gauss_newton_steps):
             probes = torch.cat([embedding[None], embedding[None] + eps * torch.eye(d)])
-            states = step.verifier.embedding_states(probes)  # (d + 1, d)
+            states = verifier.embedding_states(probes)  # (d + 1, d)
             residual = step.target - states[0]
             if float(residual.norm()) < best_residual:
                 best, best_residual = embedding, float(residual.norm())
@@ -161,6 +177,21 @@ class ProbePolicy(Policy):
             normal += self.damping * normal.diagonal().mean() * torch.eye(d)
             embedding = embedding + torch.linalg.solve(normal, jacobian.T @ residual)
         return best
+
+
+GUIDE_MAX_PARAMETERS = 2_000_000_000  # an fp32 guide costs 4 bytes per parameter
+
+
+def guide_model(lm):
+    """The model proposals are computed with: `lm` itself in fp32, else an fp32 copy of it."""
+    if lm.dtype == torch.float32:
+        return lm
+    n_parameters = sum(p.numel() for p in lm.model.parameters())
+    if n_parameters > GUIDE_MAX_PARAMETERS:
+        log.info("%s has %.1fB parameters: proposals run in %s, not an fp32 copy",
+                 lm.name, n_parameters / 1e9, lm.dtype_name)
+        return lm
+    return lm_mod.cast(lm, torch.float32)
 
 
 def nn_normalize(x: torch.Tensor) -> torch.Tensor:
