@@ -141,15 +141,16 @@ def speedup(rows: list[dict], dtype: str, layer: str, policy: str) -> float | No
 
 
 def print_table(table: list[dict]) -> None:
-    head = (f"{'dtype':5} {'layer':5} {'policy':10} {'exact':>9} {'mean s/tok':>10} "
-            f"{'med s/tok':>9} {'med cand':>8} {'mean cand':>9} {'fwds':>6} {'vs grad':>8}")
-    print(head)
+    """The summary as a markdown table (the README quotes it)."""
+    print("| dtype | layer | policy | exact prompts | s/token (mean) | s/token (median) "
+          "| candidates/token (median) | (mean) | x one forward | speed-up vs gradient |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in table:
         gain = "-" if r["speedup_vs_gradient"] is None else f"{r['speedup_vs_gradient']:.1f}x"
-        print(f"{r['dtype']:5} {r['layer']:5} {r['policy']:10} "
-              f"{r['exact']:>4}/{r['prompts']:<4} {r['mean_s_per_token']:>10.4f} "
-              f"{r['median_s_per_token']:>9.4f} {r['median_candidates']:>8.0f} "
-              f"{r['mean_candidates']:>9.1f} {r['forwards_per_prompt']:>6.0f} {gain:>8}")
+        print(f"| {r['dtype']} | {r['layer']} | {r['policy']} | {r['exact']}/{r['prompts']} "
+              f"| {r['mean_s_per_token']:.4f} | {r['median_s_per_token']:.4f} "
+              f"| {r['median_candidates']:.0f} | {r['mean_candidates']:.1f} "
+              f"| {r['forwards_per_prompt']:.0f} | {gain} |")
 
 
 def plan(args, prompts: list[dict]) -> list[tuple[str, str, str, dict]]:
@@ -177,7 +178,7 @@ def main() -> None:
     parser.add_argument("--policies", default="probe,gradient,random,exhaustive")
     parser.add_argument("--dtypes", default="fp32,bf16,fp16")
     parser.add_argument("--slow-prompts", type=int, default=20, help="for random, exhaustive")
-    parser.add_argument("--gradient-prompts", type=int, default=6)
+    parser.add_argument("--gradient-prompts", type=int, default=4)
     parser.add_argument("--rows", type=Path, default=RESULTS / "invert.rows.jsonl")
     parser.add_argument("--summary", type=Path, default=RESULTS / "invert.json")
     args = parser.parse_args()
