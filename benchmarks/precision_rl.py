@@ -2,8 +2,8 @@
 
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/precision_rl.py [--steps 300]
 
-All runs share one starting policy and perfectible set (runs/precision-rl/start.pt). Prints a
-table, writes benchmarks/results/precision_rl.json and docs/precision_rl.png.
+All runs share one starting policy and perfectible set (runs/precision-rl/start.safetensors).
+Prints a table, writes benchmarks/results/precision_rl.json and docs/precision_rl.png.
 """
 
 from __future__ import annotations

@@ -122,7 +122,7 @@ def test_resume_after_interruption_gives_same_report(shakespeare, tmp_path):
     with pytest.raises(Interrupted):
         pairs.audit_pairs(shakespeare, prompts, checkpoint=ckpt, save_every=0.0,
                           progress=stop_soon, **kwargs)
-    assert (ckpt / "scan.pt").is_file()
+    assert (ckpt / "scan.safetensors").is_file()
     resumed = pairs.audit_pairs(shakespeare, prompts, checkpoint=ckpt, **kwargs).to_dict()
     for result in (straight, resumed):
         result.pop("seconds")
@@ -190,3 +190,21 @@ def test_audit_pairs_blocking_does_not_change_the_report(shakespeare):
         assert [(p["i"], p["j"]) for p in a["closest"]] == [(p["i"], p["j"]) for p in b["closest"]]
         assert a["histogram"]["counts"] == b["histogram"]["counts"]
         assert a["under_floor"] == b["under_floor"]
+
+
+def test_cli_exit_status_of_a_near_collision_and_bad_settings(tmp_path):
+    from test_cli import assert_one_line_error, sipit_cli
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text('{"ids": [199]}\n{"ids": [199, 199]}\n{"ids": [5, 6, 7]}\n')
+    prompts = prompts.rename(tmp_path / "prompts.jsonl")
+    proc = sipit_cli("audit", "pairs", "--prompts", str(prompts), "--layers", "1",
+                     "--out", str(tmp_path / "out"))
+    assert proc.returncode == 1, proc.stderr  # "\n" vs "\n\n" without BOS: a near-collision
+
+    base = ("audit", "pairs", "--prompts", str(prompts), "--layers", "1")
+    assert_one_line_error(sipit_cli(*base, "--threshold", "nan"), "threshold")
+    assert_one_line_error(sipit_cli(*base, "--out", str(prompts)), "is a file")
+    proc = sipit_cli("audit", "continuations", "--from-pairs", str(prompts), "--out",
+                     str(tmp_path / "c"))
+    assert_one_line_error(proc, "not a pairs report")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+
 import sipit
 from sipit import lm as lm_mod
 from sipit import states as states_mod
@@ -33,7 +35,7 @@ def capture(
     if bad:
         raise lm_mod.SipitError(f"token id {bad[0]} outside the vocabulary (size {lm.vocab_size})")
 
-    where = lm_mod.parse_layer(layer, lm.n_layers)
+    where = lm_mod.parse_layer(layer, lm.n_layers, lm.n_loops)
     hidden = lm_mod.states(lm, ids, where)  # (T, d)
     result = states_mod.States(states=hidden.cpu(), meta=provenance(lm, where, len(ids)))
     if out is not None:
@@ -48,6 +50,7 @@ def provenance(lm: lm_mod.LM, layer: int | str, length: int) -> dict:
         model=lm.name,
         config_hash=lm.config_hash,
         weights_hash=states_mod.weights_hash(lm.model),
+        weights_hash_bf16=states_mod.weights_hash(lm.model, torch.bfloat16),
         layer=str(layer),
         dtype=lm.dtype_name,
         length=length,

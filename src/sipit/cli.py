@@ -10,6 +10,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -52,6 +53,8 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log librar
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # sipit shows its own bars; keep stderr to one line on errors
+    if not verbose:  # the hub client's retry warnings (offline) would bury the one-line error
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
 
 
 @app.command()
@@ -65,6 +68,8 @@ def capture(
     import sipit
 
     if text_file is not None:
+        if text is not None:
+            raise SipitError("give the prompt once: --text or --text-file, not both")
         if not text_file.is_file():
             raise SipitError(f"text file not found: {text_file}")
         text = text_file.read_text(encoding="utf-8")
@@ -83,7 +88,8 @@ def invert(
     policy: str = typer.Option("probe", help="probe (default), gradient, random or exhaustive."),
     device: str = DEVICE,
     dtype: str = typer.Option(None, help="Run dtype; defaults to the capture dtype."),
-    checkpoint: Path = typer.Option(None, help="Checkpoint file (default: STATES.invert.json)."),
+    checkpoint: Path = typer.Option(
+        None, help="Checkpoint file (default: the states file with suffix .invert.json)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     force: bool = typer.Option(False, help="Skip the model/weights provenance check."),
 ):
@@ -98,8 +104,14 @@ def invert(
     checkpoint.unlink(missing_ok=True)
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
-        return
-    show_inversion(result)
+    else:
+        show_inversion(result)
+    if not result.all_accepted:
+        rejected = sum(not p.accepted for p in result.positions)
+        err_console.print(f"[red]not recovered:[/] {rejected} of {len(result.positions)} "
+                          "positions have no candidate within tolerance; these states do not "
+                          "come from this model, layer and dtype (or were altered)", soft_wrap=True)
+        raise typer.Exit(1)
 
 
 def show_inversion(result) -> None:
@@ -222,6 +234,12 @@ AUDIT_OUT = typer.Option(Path("audit"), "--out", "-o", help="Folder for JSON, ma
 THRESHOLD = typer.Option(1e-6, help="L2 distance under which two states collide.")
 
 
+def _check_out(out: Path) -> None:
+    """The audit output must be a folder (made if missing), not a file."""
+    if out.exists() and not out.is_dir():
+        raise SipitError(f"--out {out} is a file; name a folder for the reports")
+
+
 def _audit_saved(out: Path, name: str, data: dict) -> None:
     from sipit.audit import report
 
@@ -257,6 +275,7 @@ def audit_pairs_cmd(
 
     from sipit.audit.pairs import audit_pairs, read_prompts
 
+    _check_out(out)
     checkpoint = checkpoint or out / "checkpoint"
     bar, update = tracked("pairs")
     with bar:
@@ -284,6 +303,7 @@ def audit_continuations_cmd(
     from sipit.audit import continuations
     from sipit.audit.pairs import read_prompts
 
+    _check_out(out)
     chosen = list(prefix or [])
     if prefixes is not None:
         chosen += read_prompts(prefixes)
@@ -316,6 +336,7 @@ def audit_margins_cmd(
     from sipit.audit.margins import audit_margins
     from sipit.audit.pairs import read_prompts
 
+    _check_out(out)
     chosen = list(text or []) + (read_prompts(prompts) if prompts is not None else [])
     if not chosen:
         raise SipitError("no prompt: give --text or --prompts")
@@ -346,6 +367,7 @@ def audit_minilm_cmd(
     from sipit.audit.minilm import audit_minilm
     from sipit.audit.pairs import read_prompts
 
+    _check_out(out)
     bar, update = tracked("minilm")
     with bar:
         result = audit_minilm(read_prompts(prompts), threshold=threshold, device=device,
@@ -358,23 +380,36 @@ def audit_minilm_cmd(
         raise typer.Exit(1)
 
 
-def run() -> None:
-    """Entry point that turns SipitError into a one-line message and exit code 2."""
-    try:
-        app(standalone_mode=False)
-    except SipitError as err:
-        err_console.print(f"[red]error:[/] {err}", soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted[/]: finished work is kept in the checkpoint",
-                          soft_wrap=True)
-        sys.exit(130)
-    except typer.Exit as exit_:
-        sys.exit(exit_.exit_code)
-    except Exception as err:  # click's usage errors
-        import click
+INTERRUPTED = 130
 
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        raise
+
+def fail(message: str, code: int = 2) -> None:
+    """One line on stderr (markup in the message is shown as text), then exit."""
+    err_console.print(f"[red]error:[/] {escape(message)}", soft_wrap=True)
+    sys.exit(code)
+
+
+def run() -> None:
+    """Entry point: a SipitError or an OS refusal is one line and exit code 2; Ctrl-C is 130.
+
+    Typer, run with standalone_mode=False, returns the exit code of typer.Exit (and 130 for
+    Ctrl-C) instead of raising it.
+    """
+    import click
+
+    try:
+        code = app(standalone_mode=False)
+    except SipitError as err:
+        fail(str(err))
+    except OSError as err:  # a path the system refused (a folder, no permission, no space)
+        where = f": {err.filename}" if err.filename else ""
+        fail(f"{err.strerror or err}{where}")
+    except click.ClickException as err:  # usage errors
+        err.show()
+        sys.exit(err.exit_code)
+    except click.exceptions.Abort:
+        code = INTERRUPTED
+    if code == INTERRUPTED:
+        err_console.print("[yellow]interrupted[/]: finished work is kept in the checkpoint; "
+                          "run the same command again to resume", soft_wrap=True)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -145,18 +145,21 @@ def load(
 
     torch_dtype = resolve_dtype(dtype)
     torch_device = resolve_device(device)
-    path = builtin.path_of(name) or name
-    if not Path(path).exists() and ("/" not in str(path) or str(path).startswith((".", "/"))):
-        raise SipitError(f"model {name!r} not found: not a built-in name, folder or hub id")
+    path = Path(builtin.path_of(name) or name)
+    if path.is_file():
+        raise SipitError(f"model {name!r} is a file: give a built-in name, model folder or hub id")
+    if not path.exists() and str(name).startswith((".", "/", "~")):
+        raise SipitError(f"model folder {name!r} not found")
+    kind = "folder" if path.is_dir() else "hub id (it is not a built-in name or a folder)"
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype, trust_remote_code=trust_remote_code
+            str(path), dtype=torch_dtype, trust_remote_code=trust_remote_code
         )
-    except OSError as err:
+    except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SipitError(f"cannot load model {name!r}: {first}") from err
+        raise SipitError(f"cannot load model {name!r} as a {kind}: {first}") from err
 
     model.to(torch_device).eval()
     log.info("loaded %s (%s, %s)", name, DTYPE_NAMES[torch_dtype], torch_device)
@@ -200,6 +203,9 @@ def parse_layer(spec: str | int, n_layers: int, n_loops: int | None = None) -> i
     if text in (FINAL, "post-norm", "postnorm"):
         return FINAL
     if "." in text:
+        if n_loops == 1:
+            raise SipitError(f"bad layer {spec!r}: loop names (step.block) are for looped "
+                             f"models; this one has layers 0..{n_layers} and 'final'")
         return _parse_loop_layer(spec, text, n_layers, n_loops)
     try:
         index = int(text)
@@ -223,7 +229,8 @@ def _parse_loop_layer(spec, text: str, n_layers: int, n_loops: int | None) -> st
     except ValueError:
         raise SipitError(f"bad layer {spec!r}: use loop.block, e.g. '2.3'") from None
     if loop < 1 or (n_loops is not None and loop > n_loops):
-        raise SipitError(f"loop step {loop} out of range: this model has steps 1..{n_loops}")
+        steps = f"steps 1..{n_loops}" if n_loops else "steps from 1"
+        raise SipitError(f"loop step {loop} out of range: this model has {steps}")
     inner = parse_layer(block, n_layers)
     return f"{loop}.{inner}"
 

@@ -18,6 +18,7 @@ from sipit.errors import SipitError
 log = logging.getLogger(__name__)
 
 FORMAT = "sipit-states/1"
+DTYPE_OF = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 REQUIRED = ("format", "model", "config_hash", "weights_hash", "layer", "dtype", "length",
             "hidden_size", "n_layers", "sipit_version")
 
@@ -38,15 +39,23 @@ class States:
         return self.meta["layer"]
 
 
-def weights_hash(model: torch.nn.Module) -> str:
-    """A fingerprint of the weights: shape and leading values of every parameter, in fp16."""
+def weights_hash(model: torch.nn.Module, dtype: torch.dtype = torch.float16) -> str:
+    """A fingerprint of the weights: shape and leading values of every parameter, rounded to
+    `dtype` (fp16 by default; the bf16 fingerprint also matches a bf16 copy of fp32 weights)."""
     digest = hashlib.sha256()
     for name, param in model.state_dict().items():
-        head = param.detach().flatten()[:4096].to("cpu", torch.float16)
+        head = param.detach().flatten()[:4096].to("cpu", dtype)
         digest.update(name.encode())
         digest.update(str(tuple(param.shape)).encode())
-        digest.update(head.numpy().tobytes())
+        digest.update(head.view(torch.int16).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def same_weights(meta: dict, model: torch.nn.Module) -> bool:
+    """Whether states metadata names these weights, also after rounding them to bf16 or fp16."""
+    if meta["weights_hash"] == weights_hash(model):
+        return True
+    return meta.get("weights_hash_bf16") == weights_hash(model, torch.bfloat16)
 
 
 def save(path: str | Path, states: States) -> Path:
@@ -55,9 +64,14 @@ def save(path: str | Path, states: States) -> Path:
 
     check_finite(states.states, "captured states")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise SipitError(f"cannot write states to {path}: it is a folder; name a file")
     meta = {k: str(v) for k, v in states.meta.items()}
-    save_file({"states": states.states.detach().contiguous().cpu()}, str(path), metadata=meta)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"states": states.states.detach().contiguous().cpu()}, str(path), metadata=meta)
+    except Exception as err:  # safetensors wraps the OS error in its own type
+        raise SipitError(f"cannot write states to {path}: {err}") from err
     log.info("wrote %s (%d positions)", path, states.length)
     return path
 
@@ -67,6 +81,8 @@ def load(path: str | Path) -> States:
     from safetensors import safe_open
 
     path = Path(path)
+    if path.is_dir():
+        raise SipitError(f"{path} is a folder, not a states file")
     if not path.is_file():
         raise SipitError(f"states file not found: {path}")
     try:
@@ -85,11 +101,22 @@ def load(path: str | Path) -> States:
     return States(states=tensor, meta=meta)
 
 
-def validate(path: Path, tensor: torch.Tensor, meta: dict) -> None:
+def validate(path, tensor, meta: dict) -> None:
+    """Refuse states that are not a finite (T, d) tensor matching their provenance metadata."""
+    if not isinstance(tensor, torch.Tensor) or not isinstance(meta, dict):
+        raise SipitError(f"{path}: states must be a tensor with a metadata dict")
     missing = [k for k in REQUIRED if k not in meta]
     if meta.get("format") != FORMAT or missing:
         names = ", ".join(missing) or "format"
         raise SipitError(f"{path} has no sipit provenance (missing {names})")
+    for key in ("length", "hidden_size", "n_layers"):
+        if not str(meta[key]).isdigit():
+            raise SipitError(f"{path}: metadata {key}={meta[key]!r} is not a count")
+    if tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise SipitError(f"{path}: states are {tensor.dtype}; expected fp32, fp16 or bf16")
+    if DTYPE_OF.get(str(meta["dtype"])) not in (None, tensor.dtype):
+        raise SipitError(f"{path}: states are stored as {tensor.dtype} but the metadata says "
+                         f"{meta['dtype']}")
     if tensor.ndim != 2:
         shape = tuple(tensor.shape)
         raise SipitError(f"{path}: states must be (positions, hidden), got shape {shape}")
@@ -98,6 +125,34 @@ def validate(path: Path, tensor: torch.Tensor, meta: dict) -> None:
     if tensor.shape[0] == 0:
         raise SipitError(f"{path}: holds zero positions")
     check_finite(tensor, str(path))
+
+
+def save_bundle(path: str | Path, tensors: dict[str, torch.Tensor], data: dict) -> None:
+    """Write tensors and JSON-able data to one safetensors file, atomically (no pickle)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(tmp), metadata={"json": json.dumps(data)})
+    tmp.replace(path)
+
+
+def load_bundle(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read what save_bundle wrote: (tensors, data); a damaged file is a SipitError."""
+    import json
+
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            data = json.loads((f.metadata() or {})["json"])
+            return {k: f.get_tensor(k) for k in f.keys()}, data
+    except Exception as err:
+        raise SipitError(f"{path} is damaged ({type(err).__name__}): delete it to start "
+                         "again") from err
 
 
 def check_finite(tensor: torch.Tensor, what: str) -> None:

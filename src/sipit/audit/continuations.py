@@ -22,7 +22,7 @@ import torch
 from sipit import lm as lm_mod
 from sipit.audit import collect
 from sipit.audit.pairs import Prompt, encode_prompts
-from sipit.audit.scan import PairScan
+from sipit.audit.scan import PairScan, check_lines
 from sipit.errors import SipitError
 from sipit.invert.verify import UNIT_ROUNDOFF
 
@@ -68,7 +68,12 @@ def closest_prompts(report: dict | str | Path, k: int = 10,
         path = Path(report)
         if not path.is_file():
             raise SipitError(f"pairs report not found: {path}")
-        report = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            report = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise SipitError(f"{path} is not a pairs report (JSON from `audit pairs`)") from err
+    if not isinstance(report, dict):
+        raise SipitError("the pairs report is not a JSON object from `audit pairs`")
     layers = report.get("layers", [])
     if layer is not None:
         layers = sorted(layers, key=lambda x: x["layer"] != str(layer))
@@ -100,6 +105,7 @@ def audit_continuations(
     tokens (default: the whole vocabulary); all continuation pairs of a prefix compared at
     every layer. Finished prefixes are kept in `checkpoint` (JSON) and skipped on resume.
     `progress(done, total, label)` is called after each prefix."""
+    check_lines(threshold)
     started = time.perf_counter()
     lm = model if isinstance(model, lm_mod.LM) else lm_mod.load(model, device, dtype)
     ids, _ = encode_prompts(lm, prefixes, minimum=1)

@@ -33,6 +33,7 @@ import torch
 from sipit import lm as lm_mod
 from sipit.audit import collect
 from sipit.audit.pairs import PairsReport, Run, finish, scan_layers
+from sipit.audit.scan import check_lines
 from sipit.errors import SipitError
 from sipit.invert.verify import UNIT_ROUNDOFF
 
@@ -139,6 +140,7 @@ def audit_minilm(
     Distinct token sequences are compared at the last token of every layer and by their mean
     embedding; texts the tokenizer merges are reported separately as text collisions.
     """
+    check_lines(threshold)
     started = time.perf_counter()
     model, tokenizer = load(device, dtype)
     texts = [p for p in prompts if isinstance(p, str)]

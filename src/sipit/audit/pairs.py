@@ -24,8 +24,9 @@ from safetensors.torch import load_file, save_file
 
 from sipit import data
 from sipit import lm as lm_mod
+from sipit import states as states_mod
 from sipit.audit import collect
-from sipit.audit.scan import PairScan
+from sipit.audit.scan import PairScan, check_lines
 from sipit.errors import SipitError
 from sipit.invert.verify import UNIT_ROUNDOFF
 
@@ -156,23 +157,32 @@ def _save(run: Run, path: Path) -> None:
     states_file = path / "states.safetensors"
     if not states_file.exists():
         save_file({k: v.contiguous() for k, v in run.states.items()}, str(states_file))
-    scans = {k: dict(acc) for k, acc in run.scans.items()}
-    tmp = path / "scan.pt.tmp"
-    torch.save(dict(fingerprint=run.fingerprint, scans=scans, results=run.results,
-                    seconds=run.seconds), tmp)
-    tmp.replace(path / "scan.pt")
+    tensors, numbers = {}, {}
+    for layer, acc in run.scans.items():
+        for key, value in acc.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{layer}/{key}"] = value
+            else:
+                numbers[f"{layer}/{key}"] = value
+    data = dict(fingerprint=run.fingerprint, numbers=numbers, results=run.results,
+                seconds=run.seconds)
+    states_mod.save_bundle(path / "scan.safetensors", tensors, data)
 
 
 def _load(path: Path, fingerprint: str) -> Run | None:
-    if not (path / "scan.pt").is_file():
+    if not (path / "scan.safetensors").is_file():
         return None
-    saved = torch.load(path / "scan.pt", weights_only=False)
+    tensors, saved = states_mod.load_bundle(path / "scan.safetensors")
     if saved["fingerprint"] != fingerprint:
         raise SipitError(f"checkpoint {path} was made for other prompts, model or settings: "
                          "delete it or pick another --checkpoint")
+    scans: dict = {}
+    for name, value in [*tensors.items(), *saved["numbers"].items()]:
+        layer, _, key = name.rpartition("/")
+        scans.setdefault(layer, {})[key] = value
     states = load_file(str(path / "states.safetensors"))
     log.info("resuming from %s", path)
-    return Run(fingerprint, states, saved["scans"], saved["results"], saved["seconds"])
+    return Run(fingerprint, states, scans, saved["results"], saved["seconds"])
 
 
 def audit_pairs(
@@ -206,6 +216,7 @@ def audit_pairs(
     layer, and a later call with the same arguments resumes from it.
     `progress(done, total, label)` is called after each block row.
     """
+    check_lines(threshold, floor)
     started = time.perf_counter()
     lm = model if isinstance(model, lm_mod.LM) else lm_mod.load(model, device, dtype)
     ids, merged = encode_prompts(lm, prompts)

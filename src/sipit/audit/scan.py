@@ -25,6 +25,8 @@ import math
 import numpy as np
 import torch
 
+from sipit.errors import SipitError
+
 # Histogram of squared distances by float bit pattern: (bits >> SHIFT) keeps the exponent and
 # 5 mantissa bits: 32 bins per octave of d^2 (0.8% to 1.6% wide in d); 8192 bins cover all floats.
 SHIFT = 18
@@ -60,6 +62,13 @@ def percentiles_from_hist(counts: np.ndarray, qs=PERCENTILES) -> dict[str, float
         d2 = hi * frac if lo <= 0 else lo * (hi / lo) ** frac
         out[f"p{q:g}"] = math.sqrt(d2)
     return out
+
+
+def check_lines(threshold: float, floor: float | None = None) -> None:
+    """Refuse a collision threshold or noise floor that is negative or not a number."""
+    for name, value in (("threshold", threshold), ("floor", floor)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise SipitError(f"{name} must be a finite number >= 0, got {value}")
 
 
 class PairScan:

@@ -93,14 +93,20 @@ def invert(
     the same states and policy is resumed. `force` skips the model/weights provenance check.
     `progress(done, total)` is called after each position.
     """
-    if not isinstance(states, states_mod.States):
+    if isinstance(states, states_mod.States):
+        states_mod.validate("states", states.states, states.meta)
+    elif isinstance(states, str | Path):
         states = states_mod.load(states)
+    else:
+        raise SipitError(f"invert takes a states file or sipit.States, not {type(states).__name__}")
     meta = states.meta
     lm = model if isinstance(model, lm_mod.LM) else lm_mod.load(
         model or meta["model"], device, dtype or meta["dtype"])
+    if dtype is not None and lm_mod.resolve_dtype(dtype) != lm.dtype:
+        lm = lm_mod.cast(lm, dtype)
     check_provenance(lm, states, force)
 
-    layer = lm_mod.parse_layer(meta["layer"], lm.n_layers)
+    layer = lm_mod.parse_layer(meta["layer"], lm.n_layers, lm.n_loops)
     observed = states.states.float().to(lm.device)  # (T, d)
     search = Search(lm, layer, policies.make(policy, lm, layer), observed,
                     lm_mod.resolve_dtype(meta["dtype"]))
@@ -119,7 +125,7 @@ def check_provenance(lm: lm_mod.LM, states: states_mod.States, force: bool) -> N
     if meta["config_hash"] != lm.config_hash:
         raise SipitError(f"states were captured from {meta['model']} (config {meta['config_hash']})"
                          f", not {lm.name} (config {lm.config_hash}); --force to try anyway")
-    if meta["weights_hash"] != states_mod.weights_hash(lm.model):
+    if not states_mod.same_weights(meta, lm.model):
         raise SipitError(f"states were captured from other weights than {lm.name}'s "
                          "(weights fingerprint differs); --force to try anyway")
 
@@ -226,16 +232,21 @@ class Checkpoint:
         self.key = dict(states=digest, policy=policy)
 
     def load(self) -> list[TokenStat]:
-        if self.path is None or not self.path.is_file():
+        if self.path is None or not self.path.exists():
             return []
+        if not self.path.is_file():
+            raise SipitError(f"checkpoint {self.path} is not a file")
         try:
             data = json.loads(self.path.read_text())
         except json.JSONDecodeError as err:
             raise SipitError(f"checkpoint {self.path} is not valid JSON; delete it to "
                              "restart") from err
-        if data.get("key") != self.key:
+        if not isinstance(data, dict) or data.get("key") != self.key:
             raise SipitError(f"checkpoint {self.path} belongs to other states or another policy")
-        return [TokenStat(**row) for row in data["positions"]]
+        try:
+            return [TokenStat(**row) for row in data["positions"]]
+        except (KeyError, TypeError) as err:
+            raise SipitError(f"checkpoint {self.path} is damaged; delete it to restart") from err
 
     def save(self, stats: list[TokenStat]) -> None:
         if self.path is None:

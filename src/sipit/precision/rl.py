@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from sipit import lm as lm_mod
+from sipit import states as states_mod
 from sipit.errors import SipitError
 from sipit.models import archs
 from sipit.precision import engines, tasks
@@ -137,11 +138,12 @@ def prepare_start(cfg: StartConfig, path: Path) -> tuple[lm_mod.LM, torch.Tensor
     task = tasks.SortTask(cfg.length)
     lm = build_policy(cfg.seed)
     if path.is_file():
-        saved = torch.load(path, weights_only=False)
-        if saved["config"] == asdict(cfg):
-            lm.model.load_state_dict(saved["weights"])
+        tensors, saved = states_mod.load_bundle(path)
+        if saved["config"] == json.loads(json.dumps(asdict(cfg))):
+            prompts = tensors.pop("prompts")
+            lm.model.load_state_dict(tensors)
             lm.model.eval()
-            return lm, saved["prompts"], saved["record"]
+            return lm, prompts, saved["record"]
         log.info("start at %s was made with other settings: remaking it", path)
 
     started = time.perf_counter()
@@ -155,8 +157,8 @@ def prepare_start(cfg: StartConfig, path: Path) -> tuple[lm_mod.LM, torch.Tensor
     record.update(candidates=cfg.candidates, kept=int(keep.sum()),
                   kept_mean_rate=float(rates[keep].mean()), seconds=time.perf_counter() - started)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(dict(config=asdict(cfg), weights=lm.model.state_dict(),
-                    prompts=candidates[keep], record=record), path)
+    tensors = dict(lm.model.state_dict(), prompts=candidates[keep])
+    states_mod.save_bundle(path, tensors, dict(config=asdict(cfg), record=record))
     log.info("start: %s", record)
     return lm, candidates[keep], record
 
@@ -262,7 +264,7 @@ class Run:
 def train(cfg: RLConfig, progress=None) -> dict:
     """Run Dr. GRPO for cfg.steps; the history is written to OUT/rl_<dtype>_<variant>.json."""
     out = Path(cfg.out)
-    start, prompts, start_record = prepare_start(cfg.start, out / "start.pt")
+    start, prompts, start_record = prepare_start(cfg.start, out / "start.safetensors")
     torch.manual_seed(cfg.seed)
     run = Run(cfg, start, prompts)
     run.sync()
