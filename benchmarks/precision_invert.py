@@ -116,15 +116,15 @@ def main() -> None:
         rows = [r for r in json.loads(out.read_text())["rows"] if r["model"] not in models]
     for model in models:
         rows += run_model(model, args.prompts, args.tokens, args.layer, pairs)
+    out.write_text(json.dumps(dict(layer=args.layer, rows=rows), indent=1))
     print("\n| model | capture | run | prompts | exact | accepted | u | worst dist/u | min sep/u "
           "| tol/u |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['capture']} | {r['run']} | {r['prompts']} x {r['tokens']} "
-              f"| {r['exact']:.2f} "
+        size = f"{r['prompts']} x {r.get('tokens', 20)}"
+        print(f"| {r['model']} | {r['capture']} | {r['run']} | {size} | {r['exact']:.2f} "
               f"| {r['accepted']:.2f} | {r['u']:.1e} | {r['worst_dist_u']:.2f} "
               f"| {r['min_sep_u'] or 0:.0f} | {r['tol_u']:.1f} |")
-    out.write_text(json.dumps(dict(layer=args.layer, rows=rows), indent=1))
     print("\n| model | capture | run | prompt | position | accepted (wrong) | true token "
           "| wrong dist/norm | true dist/norm | tol/norm | exhaustive exact |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

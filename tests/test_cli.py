@@ -107,8 +107,10 @@ def test_interrupted_invert_exits_130_and_resumes(tmp_path):
     path = tmp_path / "long.safetensors"
     text = "To be, or not to be, that is the question. " * 6
     assert sipit_cli("capture", "--text", text, "--layer", "1", "-o", str(path)).returncode == 0
+    # a shell's background jobs inherit an ignored SIGINT; the child must see Ctrl-C as a user's
+    restore = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
     proc = subprocess.Popen([sys.executable, "-c", "from sipit.cli import run; run()", "invert",
-                             str(path), "--policy", "exhaustive"],
+                             str(path), "--policy", "exhaustive"], preexec_fn=restore,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     checkpoint = path.with_suffix(".invert.json")
     deadline = time.time() + 120
