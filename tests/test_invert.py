@@ -82,6 +82,9 @@ def test_half_precision_proposals_use_an_fp32_guide(wiki_prompts):
     policy.prepare(states.states.float())
 
     assert policy.guide.dtype == torch.float32 and policy.guide.model is not half.model
+    again = policies.make("probe", half, lm_mod.parse_layer(1, half.n_layers))
+    again.prepare(states.states.float())
+    assert again.guide is policy.guide  # one fp32 copy per loaded model
     assert next(half.model.parameters()).dtype == torch.bfloat16
     result = sipit.invert(states, model=half)
     assert result.token_ids == ids

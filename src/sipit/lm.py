@@ -31,11 +31,11 @@ import torch
 from torch import nn
 
 from sipit.errors import SipitError
+from sipit.states import DTYPES
 
 log = logging.getLogger(__name__)
 
 FINAL = "final"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
@@ -145,7 +145,7 @@ def load(
 
     torch_dtype = resolve_dtype(dtype)
     torch_device = resolve_device(device)
-    path = Path(builtin.path_of(name) or name)
+    path = Path(builtin.path_of(name) or name).expanduser()
     if path.is_file():
         raise SipitError(f"model {name!r} is a file: give a built-in name, model folder or hub id")
     if not path.exists() and str(name).startswith((".", "/", "~")):

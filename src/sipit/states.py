@@ -18,7 +18,7 @@ from sipit.errors import SipitError
 log = logging.getLogger(__name__)
 
 FORMAT = "sipit-states/1"
-DTYPE_OF = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # by name
 REQUIRED = ("format", "model", "config_hash", "weights_hash", "layer", "dtype", "length",
             "hidden_size", "n_layers", "sipit_version")
 
@@ -114,7 +114,7 @@ def validate(path, tensor, meta: dict) -> None:
             raise SipitError(f"{path}: metadata {key}={meta[key]!r} is not a count")
     if tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise SipitError(f"{path}: states are {tensor.dtype}; expected fp32, fp16 or bf16")
-    if DTYPE_OF.get(str(meta["dtype"])) not in (None, tensor.dtype):
+    if DTYPES.get(str(meta["dtype"])) not in (None, tensor.dtype):
         raise SipitError(f"{path}: states are stored as {tensor.dtype} but the metadata says "
                          f"{meta['dtype']}")
     if tensor.ndim != 2:

@@ -183,7 +183,8 @@ GUIDE_MAX_PARAMETERS = 2_000_000_000  # an fp32 guide costs 4 bytes per paramete
 
 
 def guide_model(lm):
-    """The model proposals are computed with: `lm` itself in fp32, else an fp32 copy of it."""
+    """The model proposals are computed with: `lm` itself in fp32, else an fp32 copy of it,
+    made once per loaded model (kept in lm.extra, so repeated inversions share it)."""
     if lm.dtype == torch.float32:
         return lm
     n_parameters = sum(p.numel() for p in lm.model.parameters())
@@ -191,7 +192,9 @@ def guide_model(lm):
         log.info("%s has %.1fB parameters: proposals run in %s, not an fp32 copy",
                  lm.name, n_parameters / 1e9, lm.dtype_name)
         return lm
-    return lm_mod.cast(lm, torch.float32)
+    if "fp32_guide" not in lm.extra:
+        lm.extra["fp32_guide"] = lm_mod.cast(lm, torch.float32)
+    return lm.extra["fp32_guide"]
 
 
 def nn_normalize(x: torch.Tensor) -> torch.Tensor:
